@@ -1,0 +1,38 @@
+# Set-up and checks. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install test lint format demo bench-operator clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): requirements-dev.txt operator/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel on disk (any other version pulls CUDA packages).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt -e ./operator
+	touch $(INSTALLED)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check operator tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format operator tests benchmarks
+
+# The main job on its embedded default: render the example LLMService into the manifests it becomes.
+demo: install
+	$(VENV)/bin/llmservice-operator render -f examples/support-bot.yaml
+
+bench-operator: install
+	$(PY) -m benchmarks.operator_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

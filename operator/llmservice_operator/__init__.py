@@ -1,0 +1,1 @@
+"""The LLMService operator: reconciles LLMService resources into model-serving workloads."""

@@ -1,0 +1,306 @@
+"""Pure condition bookkeeping: what the Deployment and its pods say, turned into LLMService status.
+
+Conditions follow the Kubernetes API conventions and kstatus: Ready (normal-true), Progressing and
+Degraded (abnormal-true), plus kstatus's own Reconciling and Stalled mirrors of them, so that
+`kubectl wait --for=condition=Ready`, Flux and Argo CD judge health without custom scripts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_MESSAGE = 1024
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Reconciling", "Stalled")
+IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that keeps replicas from becoming ready until a person acts."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the operator saw in one pass; every field is plain data, so status is a pure function."""
+
+    generation: int | None
+    deployment: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    spec_error: str | None = None
+    apply_error: str | None = None
+
+
+def _clip(message: str) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+def _exit_detail(terminated: dict[str, Any]) -> str:
+    detail = f"exit code {terminated.get('exitCode', '?')}"
+    if terminated.get("message"):
+        detail += f": {terminated['message'].strip()}"
+    elif terminated.get("reason"):
+        detail += f" ({terminated['reason']})"
+    return detail
+
+
+def _init_problem(pod_name: str, status: dict[str, Any]) -> Problem | None:
+    state = status.get("state") or {}
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in IMAGE_PULL_REASONS:
+        return Problem(
+            "ImagePullBackOff",
+            f"pod {pod_name}: cannot pull image {status.get('image')}: "
+            f"{waiting.get('message') or waiting['reason']}",
+        )
+    terminated = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
+    if terminated and terminated.get("exitCode", 0) != 0:
+        return Problem(
+            "ModelDownloadFailed",
+            f"pod {pod_name}: init container {status.get('name')} failed with {_exit_detail(terminated)}",
+        )
+    return None
+
+
+def _container_problem(pod_name: str, status: dict[str, Any]) -> Problem | None:
+    state = status.get("state") or {}
+    waiting = state.get("waiting") or {}
+    reason = waiting.get("reason")
+    if reason in IMAGE_PULL_REASONS:
+        return Problem(
+            "ImagePullBackOff",
+            f"pod {pod_name}: cannot pull image {status.get('image')}: {waiting.get('message') or reason}",
+        )
+    if reason == "CreateContainerConfigError":
+        return Problem("CreateContainerConfigError", f"pod {pod_name}: {waiting.get('message') or reason}")
+    last = (status.get("lastState") or {}).get("terminated")
+    if reason == "CrashLoopBackOff":
+        detail = _exit_detail(last) if last else (waiting.get("message") or "restarting")
+        return Problem(
+            "CrashLoopBackOff", f"pod {pod_name}: the server keeps exiting; last time with {detail}"
+        )
+    terminated = state.get("terminated")
+    if terminated and terminated.get("exitCode", 0) != 0:
+        return Problem("ServerExited", f"pod {pod_name}: the server exited with {_exit_detail(terminated)}")
+    return None
+
+
+def pod_problem(pods: list[dict[str, Any]]) -> Problem | None:
+    """The first problem among the pods (by name), checking scheduling, init containers, then the server."""
+    for pod in sorted(pods, key=lambda item: item.get("metadata", {}).get("name", "")):
+        meta = pod.get("metadata", {})
+        if meta.get("deletionTimestamp"):
+            continue
+        name = meta.get("name", "?")
+        status = pod.get("status") or {}
+        for condition in status.get("conditions") or []:
+            unschedulable = condition.get("reason") == "Unschedulable" and condition.get("status") == "False"
+            if condition.get("type") == "PodScheduled" and unschedulable:
+                message = condition.get("message") or "unschedulable"
+                return Problem("Unschedulable", f"pod {name}: {message}")
+        for container in status.get("initContainerStatuses") or []:
+            problem = _init_problem(name, container)
+            if problem:
+                return problem
+        for container in status.get("containerStatuses") or []:
+            problem = _container_problem(name, container)
+            if problem:
+                return problem
+    return None
+
+
+def deployment_problem(deployment: dict[str, Any]) -> Problem | None:
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return Problem("ProgressDeadlineExceeded", condition.get("message") or "rollout did not progress")
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return Problem("ReplicaFailure", condition.get("message") or "pods could not be created")
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ready: bool
+    ready_reason: str
+    ready_message: str
+    progressing: bool
+    progressing_reason: str
+    progressing_message: str
+    degraded: Problem | None
+
+
+def judge(observation: Observation) -> Verdict:
+    if observation.spec_error is not None:
+        problem = Problem("InvalidSpec", observation.spec_error)
+        return Verdict(
+            False,
+            problem.reason,
+            problem.message,
+            False,
+            problem.reason,
+            "the spec cannot be served; fix it and the operator retries",
+            problem,
+        )
+    if observation.apply_error is not None:
+        problem = Problem("ApplyFailed", observation.apply_error)
+        return Verdict(
+            False,
+            problem.reason,
+            problem.message,
+            True,
+            problem.reason,
+            "retrying to apply the children",
+            problem,
+        )
+    deployment = observation.deployment
+    if deployment is None:
+        return Verdict(
+            False,
+            "Creating",
+            "the Deployment does not exist yet",
+            True,
+            "Creating",
+            "creating the Deployment",
+            None,
+        )
+
+    desired = (deployment.get("spec") or {}).get("replicas", 1)
+    status = deployment.get("status") or {}
+    updated = status.get("updatedReplicas", 0)
+    ready = status.get("readyReplicas", 0)
+    available = status.get("availableReplicas", 0)
+    total = status.get("replicas", 0)
+    generation = (deployment.get("metadata") or {}).get("generation")
+    observed = generation is None or status.get("observedGeneration", 0) >= generation
+
+    problem = pod_problem(observation.pods) or deployment_problem(deployment)
+    progress = f"{ready}/{desired} replicas ready, {updated} updated"
+
+    if observed and desired == 0 and total == 0:
+        return Verdict(
+            True,
+            "ScaledToZero",
+            "scaled to 0 replicas; requests fail until it is scaled up",
+            False,
+            "ScaledToZero",
+            "no replicas requested",
+            None,
+        )
+    if observed and updated >= desired and ready >= desired and available >= desired and total == updated:
+        return Verdict(
+            True,
+            "AllReplicasReady",
+            f"{ready}/{desired} replicas ready",
+            False,
+            "RolloutComplete",
+            f"{ready}/{desired} replicas ready",
+            None,
+        )
+    if problem is not None:
+        return Verdict(False, problem.reason, problem.message, False, problem.reason, progress, problem)
+    return Verdict(False, "RolloutInProgress", progress, True, "RolloutInProgress", progress, None)
+
+
+def _condition(
+    previous: dict[str, dict[str, Any]],
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    before = previous.get(kind)
+    since = before["lastTransitionTime"] if before and before.get("status") == value else now
+    condition: dict[str, Any] = {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": _clip(message),
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
+
+
+def build_conditions(
+    observation: Observation, previous: list[dict[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    verdict = judge(observation)
+    known = {item["type"]: item for item in previous if item.get("type") in CONDITION_TYPES}
+    generation = observation.generation
+    degraded = verdict.degraded
+    degraded_reason = degraded.reason if degraded else "AsExpected"
+    degraded_message = degraded.message if degraded else "no problems found"
+    return [
+        _condition(
+            known, "Ready", verdict.ready, verdict.ready_reason, verdict.ready_message, generation, now
+        ),
+        _condition(
+            known,
+            "Progressing",
+            verdict.progressing,
+            verdict.progressing_reason,
+            verdict.progressing_message,
+            generation,
+            now,
+        ),
+        _condition(
+            known, "Degraded", degraded is not None, degraded_reason, degraded_message, generation, now
+        ),
+        _condition(
+            known,
+            "Reconciling",
+            verdict.progressing,
+            verdict.progressing_reason,
+            verdict.progressing_message,
+            generation,
+            now,
+        ),
+        _condition(
+            known, "Stalled", degraded is not None, degraded_reason, degraded_message, generation, now
+        ),
+    ]
+
+
+def build_status(
+    observation: Observation, previous_status: dict[str, Any], selector: str, url: str, now: str
+) -> dict[str, Any]:
+    deployment_status = (observation.deployment or {}).get("status") or {}
+    return {
+        "observedGeneration": observation.generation,
+        "replicas": deployment_status.get("replicas", 0),
+        "readyReplicas": deployment_status.get("readyReplicas", 0),
+        "selector": selector,
+        "url": url,
+        "conditions": build_conditions(observation, previous_status.get("conditions") or [], now),
+    }
+
+
+def status_changes(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The status fields to patch; empty when nothing changed, so a no-op pass writes nothing."""
+    return {key: value for key, value in desired.items() if current.get(key) != value}
+
+
+def condition_events(
+    previous: list[dict[str, Any]], current: list[dict[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of events worth telling the user: transitions of Ready and Degraded."""
+    before = {item["type"]: item for item in previous}
+    events = []
+    for condition in current:
+        old = before.get(condition["type"], {})
+        changed = old.get("status") != condition["status"] or old.get("reason") != condition["reason"]
+        if not changed:
+            continue
+        if condition["type"] == "Ready" and condition["status"] == "True":
+            events.append(("Normal", condition["reason"], condition["message"]))
+        elif condition["type"] == "Degraded" and condition["status"] == "True":
+            events.append(("Warning", condition["reason"], condition["message"]))
+    return events

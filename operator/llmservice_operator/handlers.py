@@ -1,0 +1,124 @@
+"""kopf registrations only; each handler delegates to the reconciler.
+
+Handlers go into a registry built from the settings (not kopf's global one), so that tests can start
+the operator more than once in one process. There is no timer: kopf holds a finalizer on objects with
+timers, and deleting an LLMService must never wait for the operator.
+"""
+
+import logging
+from typing import Any
+
+import kopf
+from lightkube import ApiError
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from llmservice_operator.constants import (
+    GROUP,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    OPERATOR_NAME,
+    PLURAL,
+    VERSION,
+)
+from llmservice_operator.k8s import ChildWriter
+from llmservice_operator.metrics import OperatorMetrics
+from llmservice_operator.reconcile import CHILD_INDEXES, LLMSERVICE_INDEX, POD_INDEX, Reconciler
+from llmservice_operator.settings import OperatorSettings
+
+CHILD_RESOURCES = {
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Service": ("", "v1", "services"),
+    "Deployment": ("apps", "v1", "deployments"),
+    "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+}
+OWNED = {LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: kopf.PRESENT}
+POD_STATUS_FIELDS = ("conditions", "initContainerStatuses", "containerStatuses", "phase")
+logger = logging.getLogger(__name__)
+
+
+def _index_by_owner(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_INSTANCE]): dict(body)}
+
+
+def _index_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): dict(body)}
+
+
+def _index_pod(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    # Only what status needs: pods are many and their full bodies large.
+    status = {key: body.status[key] for key in POD_STATUS_FIELDS if key in body.status}
+    summary = {
+        "metadata": {"name": body.metadata.name, "deletionTimestamp": body.metadata.get("deletionTimestamp")},
+        "status": status,
+    }
+    return {(namespace, labels[LABEL_INSTANCE]): summary}
+
+
+def build_registry(
+    settings: OperatorSettings, metrics_registry: CollectorRegistry = REGISTRY
+) -> tuple[kopf.OperatorRegistry, OperatorMetrics]:
+    registry = kopf.OperatorRegistry()
+    metrics = OperatorMetrics(metrics_registry)
+    reconciler = Reconciler(settings, metrics)
+    llmservices = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Progress and the diff base live in annotations: the CRD's structural schema prunes status.kopf.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        # kopf would post every handler success as an Event; the reconciler posts its own.
+        settings.posting.level = logging.WARNING
+        memo.writer = ChildWriter.from_environment()
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(memo: kopf.Memo, **_: Any) -> None:
+        writer = memo.get("writer")
+        if writer is not None:
+            await writer.close()
+
+    kopf.index(*llmservices, id=LLMSERVICE_INDEX, registry=registry)(_index_by_name)
+    for kind, resource in CHILD_RESOURCES.items():
+        kopf.index(*resource, labels=OWNED, id=CHILD_INDEXES[kind], registry=registry)(_index_by_owner)
+    kopf.index("", "v1", "pods", labels=OWNED, id=POD_INDEX, registry=registry)(_index_pod)
+
+    @kopf.on.resume(*llmservices, registry=registry)
+    @kopf.on.create(*llmservices, registry=registry)
+    @kopf.on.update(*llmservices, registry=registry, field="spec")
+    async def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        await reconciler.reconcile(body=body, writer=memo.writer, indexes=kwargs, trigger="change")
+
+    async def child_changed(
+        namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **kwargs: Any
+    ) -> None:
+        """Any event of a child or pod re-runs its owner's pass: restores drift, refreshes status."""
+        reconciler.expectations.observed((body.get("kind", ""), namespace, name))
+        owner_name = labels[LABEL_INSTANCE]
+        owner = next(iter(kwargs[LLMSERVICE_INDEX].get((namespace, owner_name), [])), None)
+        if owner is None:  # being garbage-collected with its owner, or not ours
+            return
+        try:
+            await reconciler.reconcile(body=owner, writer=memo.writer, indexes=kwargs, trigger="child")
+        except kopf.TemporaryError as error:
+            # Event handlers are not retried; the status already says ApplyFailed and the next event retries.
+            logger.warning("LLMService %s/%s: %s", namespace, owner_name, error)
+        except ApiError as error:
+            if error.status.code != 404:  # 404: the owner was deleted while this pass ran
+                raise
+
+    for resource in [*CHILD_RESOURCES.values(), ("", "v1", "pods")]:
+        kopf.on.event(*resource, labels=OWNED, id=f"{resource[2]}_changed", registry=registry)(child_changed)
+
+    @kopf.on.delete(*llmservices, registry=registry, optional=True)
+    def forget(namespace: str, name: str, uid: str, **_: Any) -> None:
+        # Children go with the LLMService through garbage collection (owner references): no finalizer.
+        reconciler.forget(namespace, name, uid)
+
+    return registry, metrics

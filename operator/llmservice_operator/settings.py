@@ -1,0 +1,33 @@
+"""The operator's own settings: environment variables the Helm chart sets."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMSERVICE_", frozen=True)
+
+    inference_image: str = Field(
+        "ghcr.io/llmservice/inference:0.1.0",
+        description="Image the model pods run when an LLMService names none.",
+    )
+    hpa_metric_name: str = Field(
+        "llmservice_in_flight_requests",
+        description="Per-pod metric the HPAs target; the chart's prometheus-adapter rule exposes it.",
+    )
+    watch_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated namespaces to watch; empty watches all."
+    )
+    log_format: Literal["plain", "full", "json"] = "json"
+    log_level: Literal["debug", "info", "warning"] = "info"
+    metrics_port: int = Field(8080, description="Port of the Prometheus /metrics endpoint; 0 turns it off.")
+    cluster_domain: str = "cluster.local"
+
+    @field_validator("watch_namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

@@ -1,0 +1,300 @@
+"""Pure builders: an LLMService in, plain dicts out (one test class per child)."""
+
+import json
+from typing import Any
+
+import pytest
+
+from llmservice_operator.builders import build_children
+from llmservice_operator.builders.autoscaling import build_hpa, build_pdb, wants_pdb
+from llmservice_operator.builders.config import build_config_map, config_hash
+from llmservice_operator.builders.deployment import build_deployment
+from llmservice_operator.builders.service import build_service
+from llmservice_operator.settings import OperatorSettings
+from llmservice_operator.spec import LLMService, parse_spec
+
+SETTINGS = OperatorSettings(inference_image="registry.example/llm-server:1.0", hpa_metric_name="inflight")
+LABELS = {
+    "app.kubernetes.io/name": "llmservice",
+    "app.kubernetes.io/instance": "bot",
+    "app.kubernetes.io/component": "inference",
+    "app.kubernetes.io/part-of": "llmservice",
+    "app.kubernetes.io/managed-by": "llmservice-operator",
+}
+SELECTOR = {"app.kubernetes.io/name": "llmservice", "app.kubernetes.io/instance": "bot"}
+
+
+def service(uid: str | None = "uid-1", **spec: Any) -> LLMService:
+    spec.setdefault("model", {"source": "hf://acme/llama", "revision": "v2"})
+    return LLMService(name="bot", namespace="team", spec=parse_spec(spec), uid=uid)
+
+
+def deployment(**spec: Any) -> dict[str, Any]:
+    svc = service(**spec)
+    return build_deployment(svc, SETTINGS, build_config_map(svc))
+
+
+def pod_spec(**spec: Any) -> dict[str, Any]:
+    return deployment(**spec)["spec"]["template"]["spec"]
+
+
+def server(**spec: Any) -> dict[str, Any]:
+    return pod_spec(**spec)["containers"][0]
+
+
+class TestMetadata:
+    def test_children_carry_labels_and_a_controller_owner_reference(self) -> None:
+        for child in build_children(service(), SETTINGS).desired:
+            assert child["metadata"]["labels"] == LABELS
+            assert child["metadata"]["namespace"] == "team"
+            assert child["metadata"]["ownerReferences"] == [
+                {
+                    "apiVersion": "serving.llmservice.io/v1alpha1",
+                    "kind": "LLMService",
+                    "name": "bot",
+                    "uid": "uid-1",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
+
+    def test_offline_render_claims_no_owner(self) -> None:
+        for child in build_children(service(uid=None), SETTINGS).desired:
+            assert "ownerReferences" not in child["metadata"]
+
+
+class TestConfigMap:
+    def test_server_settings(self) -> None:
+        config = build_config_map(service(adapters=[{"name": "support", "source": "pvc://loras/support"}]))
+        assert config["metadata"]["name"] == "bot-config"
+        assert config["data"] == {
+            "LLM_MODEL": "/var/cache/llm/models/acme--llama/v2",
+            "LLM_SERVED_MODEL_NAME": "bot",
+            "LLM_HOST": "0.0.0.0",
+            "LLM_PORT": "8000",
+            "LLM_DEVICE": "cuda",
+            "LLM_DTYPE": "auto",
+            "LLM_MAX_BATCH_SIZE": "32",
+            "LLM_MAX_QUEUED_REQUESTS": "256",
+            "LLM_LOG_FORMAT": "json",
+            "HF_HOME": "/var/cache/llm/hf-home",
+            "HF_HUB_OFFLINE": "1",
+            "LLM_ADAPTERS": json.dumps({"support": "/mnt/pvc/loras/support"}, separators=(",", ":")),
+        }
+
+    def test_cpu_serving_and_limits(self) -> None:
+        data = build_config_map(
+            service(gpus=0, serving={"maxModelLen": 4096, "maxBatchSize": 8}, model={"source": "file:///m"})
+        )["data"]
+        assert (data["LLM_DEVICE"], data["LLM_MAX_MODEL_LEN"], data["LLM_MAX_BATCH_SIZE"]) == (
+            "cpu",
+            "4096",
+            "8",
+        )
+        assert data["LLM_MODEL"] == "/m"
+
+    def test_hash_follows_the_data(self) -> None:
+        first = config_hash(build_config_map(service()))
+        assert first == config_hash(build_config_map(service()))
+        assert first != config_hash(build_config_map(service(serving={"maxBatchSize": 64})))
+
+
+class TestDeployment:
+    def test_replicas_without_autoscaling_and_none_with_it(self) -> None:
+        assert deployment(replicas=3)["spec"]["replicas"] == 3
+        assert "replicas" not in deployment(replicas=3, autoscaling={"maxReplicas": 4})["spec"]
+
+    def test_selector_is_the_immutable_subset(self) -> None:
+        spec = deployment()["spec"]
+        assert spec["selector"] == {"matchLabels": SELECTOR}
+        assert spec["template"]["metadata"]["labels"] == LABELS
+
+    def test_gpu_limits_and_toleration(self) -> None:
+        assert server(gpus=2)["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+        assert pod_spec(gpus=2)["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+
+    def test_cpu_serving_has_no_gpu_and_keeps_user_resources(self) -> None:
+        container = server(gpus=0, resources={"requests": {"cpu": 2}, "limits": {"memory": "4Gi"}})
+        assert container["resources"] == {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}}
+        assert "tolerations" not in pod_spec(gpus=0)
+
+    def test_user_tolerations_follow_the_gpu_one(self) -> None:
+        tolerations = pod_spec(
+            tolerations=[{"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}]
+        )["tolerations"]
+        assert tolerations[1] == {"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}
+
+    def test_image_and_server_arguments(self) -> None:
+        assert server()["image"] == "registry.example/llm-server:1.0"
+        container = server(image="mine:2", imagePullPolicy="Always", args=["--log-requests"])
+        assert (container["image"], container["imagePullPolicy"]) == ("mine:2", "Always")
+        assert container["args"] == ["serve", "--log-requests"]
+        assert container["envFrom"][0] == {"configMapRef": {"name": "bot-config"}}
+
+    def test_init_containers_fetch_hub_sources_only(self) -> None:
+        init = pod_spec(
+            adapters=[
+                {"name": "support", "source": "hf://acme/support-lora", "revision": "r1"},
+                {"name": "local", "source": "file:///adapters/local"},
+            ],
+            hfTokenSecretRef={"name": "hf"},
+        )["initContainers"]
+        assert [item["name"] for item in init] == ["fetch-model", "fetch-adapter-support"]
+        assert init[0]["args"] == [
+            "download",
+            "--source",
+            "hf://acme/llama",
+            "--dest",
+            "/var/cache/llm/models/acme--llama/v2",
+            "--revision",
+            "v2",
+        ]
+        assert init[1]["args"][-2:] == ["--revision", "r1"]
+        assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in init[0][
+            "env"
+        ]
+        assert init[0]["volumeMounts"][0] == {"name": "cache", "mountPath": "/var/cache/llm"}
+
+    def test_no_init_container_when_nothing_to_fetch(self) -> None:
+        assert "initContainers" not in pod_spec(model={"source": "pvc://weights/llama"})
+
+    def test_pvc_sources_are_mounted_read_only(self) -> None:
+        spec = pod_spec(
+            model={"source": "pvc://weights/llama/8b"}, adapters=[{"name": "a", "source": "pvc://loras/a"}]
+        )
+        assert spec["volumes"][3:] == [
+            {"name": "weights-0", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}},
+            {"name": "weights-1", "persistentVolumeClaim": {"claimName": "loras", "readOnly": True}},
+        ]
+        assert spec["containers"][0]["volumeMounts"][3:] == [
+            {"name": "weights-0", "mountPath": "/mnt/pvc/weights", "readOnly": True},
+            {"name": "weights-1", "mountPath": "/mnt/pvc/loras", "readOnly": True},
+        ]
+
+    def test_cache_volume_is_an_empty_dir_or_a_claim(self) -> None:
+        assert pod_spec()["volumes"][0] == {"name": "cache", "emptyDir": {"sizeLimit": "50Gi"}}
+        assert pod_spec(cache={"claimName": "hf-cache"})["volumes"][0] == {
+            "name": "cache",
+            "persistentVolumeClaim": {"claimName": "hf-cache"},
+        }
+        assert pod_spec()["volumes"][1] == {
+            "name": "shm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"},
+        }
+
+    def test_probes_allow_slow_model_loads(self) -> None:
+        container = server()
+        assert container["startupProbe"] == {
+            "httpGet": {"path": "/health/ready", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 180,
+            "timeoutSeconds": 5,
+        }
+        assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+
+    def test_restricted_security_context(self) -> None:
+        spec = pod_spec(hfTokenSecretRef={"name": "hf"})
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        for container in spec["containers"] + spec["initContainers"]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+                "capabilities": {"drop": ["ALL"]},
+            }
+
+    def test_secrets_reach_the_pod_only_by_reference(self) -> None:
+        container = server(apiKeySecretRef={"name": "keys", "key": "bot"})
+        assert container["env"] == [
+            {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "bot"}}}
+        ]
+
+    def test_scrape_annotations_and_config_hash(self) -> None:
+        svc = service()
+        annotations = build_deployment(svc, SETTINGS, build_config_map(svc))["spec"]["template"]["metadata"][
+            "annotations"
+        ]
+        assert annotations == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "8000",
+            "prometheus.io/path": "/metrics",
+            "serving.llmservice.io/config-hash": config_hash(build_config_map(svc)),
+        }
+
+    def test_scheduling_fields_pass_through(self) -> None:
+        affinity = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+        }
+        spec = pod_spec(
+            nodeSelector={"gpu": "a100"},
+            affinity=affinity,
+            runtimeClassName="nvidia",
+            imagePullSecrets=[{"name": "r"}],
+        )
+        assert spec["nodeSelector"] == {"gpu": "a100"}
+        assert spec["affinity"] == affinity
+        assert spec["runtimeClassName"] == "nvidia"
+        assert spec["imagePullSecrets"] == [{"name": "r"}]
+
+
+class TestService:
+    def test_cluster_ip_port_80_to_http(self) -> None:
+        assert build_service(service())["spec"] == {
+            "type": "ClusterIP",
+            "selector": SELECTOR,
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        }
+
+
+class TestAutoscaling:
+    def test_hpa_targets_in_flight_requests_per_pod(self) -> None:
+        hpa = build_hpa(
+            service(autoscaling={"minReplicas": 2, "maxReplicas": 6, "targetInFlightRequests": 12}), SETTINGS
+        )
+        spec = hpa["spec"]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "bot"}
+        assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 6)
+        assert spec["metrics"] == [
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "inflight"},
+                    "target": {"type": "AverageValue", "averageValue": "12"},
+                },
+            }
+        ]
+        assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+    @pytest.mark.parametrize(
+        ("spec", "wanted"),
+        [
+            ({"replicas": 1}, False),
+            ({"replicas": 2}, True),
+            ({"autoscaling": {"maxReplicas": 1}}, False),
+            ({"autoscaling": {"maxReplicas": 3}}, True),
+        ],
+    )
+    def test_pdb_only_where_more_than_one_replica_can_run(self, spec: dict, wanted: bool) -> None:
+        assert wants_pdb(service(**spec)) is wanted
+
+    def test_pdb_allows_one_pod_down(self) -> None:
+        assert build_pdb(service(replicas=2))["spec"] == {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": SELECTOR},
+        }
+
+    def test_children_and_leftovers(self) -> None:
+        fixed = build_children(service(replicas=1), SETTINGS)
+        assert [child["kind"] for child in fixed.desired] == ["ConfigMap", "Service", "Deployment"]
+        assert [ref.kind for ref in fixed.absent] == ["HorizontalPodAutoscaler", "PodDisruptionBudget"]
+        scaled = build_children(service(autoscaling={"maxReplicas": 4}), SETTINGS)
+        assert [child["kind"] for child in scaled.desired][-2:] == [
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+        ]
+        assert scaled.absent == []
