@@ -61,9 +61,10 @@ def run(
     settings = OperatorSettings()
     namespaces = namespaces or tuple(settings.watch_namespaces)
     clusterwide = clusterwide or not namespaces
+    # kopf's levels: default INFO, --verbose DEBUG, --debug DEBUG with asyncio's, --quiet WARNING.
     kopf.configure(
-        verbose=verbose or settings.log_level == "info",
-        debug=debug or settings.log_level == "debug",
+        verbose=verbose or settings.log_level == "debug",
+        debug=debug,
         quiet=quiet or settings.log_level == "warning",
         log_format=LOG_FORMATS[settings.log_format],
     )
