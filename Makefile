@@ -8,12 +8,12 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
-$(INSTALLED): requirements-dev.txt operator/pyproject.toml
+$(INSTALLED): requirements-dev.txt operator/pyproject.toml inference_image/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel on disk (any other version pulls CUDA packages).
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements-dev.txt -e ./operator
+	$(PY) -m pip install --quiet -r requirements-dev.txt -e ./operator -e ./inference_image
 	touch $(INSTALLED)
 
 test: install
@@ -21,11 +21,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check operator tests benchmarks
+	$(VENV)/bin/ruff format --check operator inference_image tests benchmarks
 
 format: install
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format operator tests benchmarks
+	$(VENV)/bin/ruff format operator inference_image tests benchmarks
 
 # The main job on its embedded default: render the example LLMService into the manifests it becomes.
 demo: install

@@ -1,0 +1,1 @@
+"""HTTP layer: routes, schemas, errors, auth, metrics. Never imports torch."""

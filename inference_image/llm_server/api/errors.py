@@ -1,0 +1,105 @@
+"""One error shape for every failure (vLLM's): {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm_server.engine.interface import AdapterError, ContextTooLong, QueueFull, UnknownModel
+
+logger = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 1
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "InternalServerError"),
+            "param": param,
+            "code": status,
+        }
+    }
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def from_engine_error(error: Exception) -> APIError:
+    if isinstance(error, QueueFull):
+        return APIError(429, str(error), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(error, ContextTooLong):
+        return APIError(400, str(error), param="messages")
+    if isinstance(error, UnknownModel):
+        return APIError(404, str(error), param="model")
+    if isinstance(error, AdapterError):
+        return APIError(400, str(error), param="lora_name")
+    raise error
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    first_param = None
+    for item in error.errors():
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        first_param = first_param or param
+        problems.append(f"{param}: {item.get('msg')}" if param else str(item.get("msg")))
+    return "; ".join(problems) or "invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error.status, error.message, error.param, error.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
+        return error_response(413, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, error: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", "-")
+        logger.exception("unhandled error")
+        return error_response(500, f"internal server error (request id {request_id})")

@@ -1,0 +1,147 @@
+"""From a tokenized prompt to text: limits, timeout, disconnects and metrics, shared by every route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+
+from llm_server.api.errors import APIError, from_engine_error
+from llm_server.api.metrics import ServerMetrics
+from llm_server.api.schemas import SamplingFields
+from llm_server.config import ServerSettings
+from llm_server.engine.interface import Delta, Engine, EngineError, Prompt, SamplingParams
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Generation:
+    def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.engine, self._settings, self._metrics = engine, settings, metrics
+
+    def params(self, prompt: Prompt, max_tokens: int | None, fields: SamplingFields) -> SamplingParams:
+        if max_tokens is not None and max_tokens > self._settings.max_new_tokens:
+            raise APIError(
+                400,
+                f"max_tokens must be at most {self._settings.max_new_tokens}; got {max_tokens}",
+                param="max_tokens",
+            )
+        room = self.engine.max_model_len - len(prompt.token_ids)
+        chosen = (
+            max_tokens if max_tokens is not None else max(min(self._settings.default_max_tokens, room), 1)
+        )
+        try:
+            self.engine.check_budget(prompt, chosen)
+        except EngineError as error:
+            raise from_engine_error(error) from None
+        return SamplingParams(
+            max_tokens=chosen,
+            temperature=fields.temperature,
+            top_p=fields.top_p,
+            seed=fields.seed,
+            stop=fields.stop_strings(),
+        )
+
+    def start(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Admission happens here, so a full queue is a 429 before any response starts."""
+        try:
+            deltas = self.engine.generate(prompt, params)
+        except EngineError as error:
+            raise from_engine_error(error) from None
+        return self._observed(prompt, deltas)
+
+    async def _observed(self, prompt: Prompt, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        metrics, model = self._metrics, self._metrics.model_name
+        started = last = time.perf_counter()
+        seen = 0
+        deadline = started + self._settings.request_timeout
+        try:
+            while True:
+                try:
+                    delta = await asyncio.wait_for(
+                        anext(deltas), timeout=max(deadline - time.perf_counter(), 0)
+                    )
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise APIError(
+                        504,
+                        f"generation exceeded the request timeout of "
+                        f"{self._settings.request_timeout:g} s and was stopped",
+                    ) from None
+                now = time.perf_counter()
+                new_tokens = delta.completion_tokens - seen
+                if seen == 0:
+                    metrics.ttft.labels(model).observe(now - started)
+                    new_tokens -= 1
+                for _ in range(max(new_tokens, 0)):
+                    metrics.itl.labels(model).observe((now - last) / max(new_tokens, 1))
+                metrics.generation_tokens.labels(model).inc(delta.completion_tokens - seen)
+                seen, last = delta.completion_tokens, now
+                if delta.finish_reason is not None:
+                    metrics.prompt_tokens.labels(model).inc(len(prompt.token_ids))
+                    metrics.e2e.labels(model).observe(now - started)
+                    metrics.success.labels(model, delta.finish_reason).inc()
+                yield delta
+        finally:
+            await deltas.aclose()  # cancels the generation if it is still running
+
+    async def complete(self, prompt: Prompt, params: SamplingParams, request: Request) -> Completion:
+        """The whole text; a client that disconnects first cancels the generation."""
+        (completion,) = await self.complete_many([(prompt, params)], request)
+        return completion
+
+    async def complete_many(
+        self, jobs: list[tuple[Prompt, SamplingParams]], request: Request
+    ) -> list[Completion]:
+        """All admitted or none (a 429 leaves nothing running); all cancelled if the client leaves."""
+        started: list[AsyncIterator[Delta]] = []
+        try:
+            for prompt, params in jobs:
+                started.append(self.start(prompt, params))
+        except APIError:
+            for deltas in started:
+                await deltas.aclose()
+            raise
+
+        async def collect(prompt: Prompt, deltas: AsyncIterator[Delta]) -> Completion:
+            parts, last = [], None
+            async for delta in deltas:
+                parts.append(delta.text)
+                last = delta
+            assert last is not None and last.finish_reason is not None
+            return Completion(
+                "".join(parts), len(prompt.token_ids), last.completion_tokens, last.finish_reason
+            )
+
+        gathered = asyncio.gather(
+            *(collect(prompt, deltas) for (prompt, _), deltas in zip(jobs, started, strict=True))
+        )
+        collecting = asyncio.ensure_future(gathered)
+        watching = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            if not collecting.done():
+                collecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collecting
+        if collecting not in done:
+            raise APIError(400, "the client disconnected before the completion was ready")
+        return collecting.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,93 @@
+"""Prometheus metrics under vLLM's names, so dashboards, KEDA and the Gateway API inference extension read
+them unchanged; plus HTTP request counts by route and status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _LoraInfo(Collector):
+    def __init__(
+        self, model_name: str, max_lora: int, adapters: Callable[[], tuple[list[str], list[str]]]
+    ) -> None:
+        self._model_name, self._max_lora, self._adapters = model_name, max_lora, adapters
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on LoRA requests.",
+            labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        running, waiting = self._adapters()
+        family.add_metric(
+            [self._model_name, str(self._max_lora), ",".join(running), ",".join(waiting)], time.time()
+        )
+        yield family
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.running = Gauge(
+            "vllm:num_requests_running", "Requests being decoded.", labels, registry=registry
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting to be decoded.", labels, registry=registry
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between tokens.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Request latency.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Tokens generated.", labels, registry=registry
+        )
+        self.success = Counter(
+            "vllm:request_success", "Requests finished.", [*labels, "finished_reason"], registry=registry
+        )
+        self.http_requests = Counter(
+            "llm_server_http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+
+    def watch_engine(
+        self,
+        running: Callable[[], int],
+        waiting: Callable[[], int],
+        adapters: Callable[[], tuple[list[str], list[str]]],
+        max_lora: int,
+    ) -> None:
+        self.running.labels(self.model_name).set_function(running)
+        self.waiting.labels(self.model_name).set_function(waiting)
+        self.registry.register(_LoraInfo(self.model_name, max_lora, adapters))

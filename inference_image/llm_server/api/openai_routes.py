@@ -1,0 +1,197 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import EventSourceResponse
+
+from llm_server.api.auth import require_api_key
+from llm_server.api.dependencies import GenerationDep
+from llm_server.api.errors import APIError, error_body, from_engine_error
+from llm_server.api.generation import Generation
+from llm_server.api.schemas import ChatCompletionRequest, CompletionRequest, Usage
+from llm_server.engine.interface import EngineError, Prompt, SamplingParams
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    ).model_dump()
+
+
+def _only_one_choice(n: int) -> None:
+    if n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+
+
+def _encode(generation: Generation, encode: Any, model: str, payload: Any) -> Prompt:
+    try:
+        return encode(model, payload)
+    except EngineError as error:
+        raise from_engine_error(error) from None
+
+
+@router.get("/models")
+async def list_models(generation: GenerationDep) -> dict[str, Any]:
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": card.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "llmservice",
+                "root": card.path if card.parent else card.name,
+                "parent": card.parent,
+            }
+            for card in generation.engine.models()
+        ],
+    }
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, generation: GenerationDep
+) -> dict[str, Any] | EventSourceResponse:
+    _only_one_choice(body.n)
+    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+    prompt = _encode(generation, generation.engine.encode_chat, body.model, messages)
+    params = generation.params(prompt, body.max_completion_tokens or body.max_tokens, body)
+    response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chat_chunks(generation, prompt, params, response_id, created, body.model, usage)
+        return EventSourceResponse(chunks, ping=15)
+    completion = await generation.complete(prompt, params, request)
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "logprobs": None,
+                "finish_reason": completion.finish_reason,
+            }
+        ],
+        "usage": _usage(completion.prompt_tokens, completion.completion_tokens),
+    }
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, str]]:
+    """OpenAI's stream framing: one JSON per event, an error event if generation fails, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield {"data": json.dumps(chunk, ensure_ascii=False)}
+    except APIError as error:
+        yield {"data": json.dumps(error_body(error.status, error.message, error.param))}
+    except Exception:
+        yield {"data": json.dumps(error_body(500, "internal server error during generation"))}
+    yield {"data": "[DONE]"}
+
+
+def _chat_chunks(
+    generation: Generation,
+    prompt: Prompt,
+    params: SamplingParams,
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[dict[str, str]]:
+    deltas = generation.start(prompt, params)  # 429 here, before the stream starts
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        yield {
+            **base,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+        completion_tokens = 0
+        async for delta in deltas:
+            completion_tokens = delta.completion_tokens
+            if delta.text or delta.finish_reason:
+                yield {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": delta.text} if delta.text else {},
+                            "logprobs": None,
+                            "finish_reason": delta.finish_reason,
+                        }
+                    ],
+                }
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
+
+    return _sse(chunks())
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, generation: GenerationDep
+) -> dict[str, Any] | EventSourceResponse:
+    _only_one_choice(body.n)
+    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    prompt = _encode(generation, generation.engine.encode_text, body.model, text)
+    params = generation.params(prompt, body.max_tokens, body)
+    response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prefix = text if body.echo else ""
+    if body.stream:
+        deltas = generation.start(prompt, params)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            base = {"id": response_id, "object": "text_completion", "created": created, "model": body.model}
+            completion_tokens, first = 0, True
+            async for delta in deltas:
+                completion_tokens = delta.completion_tokens
+                piece = (prefix if first else "") + delta.text
+                first = False
+                yield {
+                    **base,
+                    "choices": [
+                        {"index": 0, "text": piece, "logprobs": None, "finish_reason": delta.finish_reason}
+                    ],
+                }
+            if include_usage:
+                yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
+
+        return EventSourceResponse(_sse(chunks()), ping=15)
+    completion = await generation.complete(prompt, params, request)
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "text": prefix + completion.text,
+                "logprobs": None,
+                "finish_reason": completion.finish_reason,
+            }
+        ],
+        "usage": _usage(completion.prompt_tokens, completion.completion_tokens),
+    }

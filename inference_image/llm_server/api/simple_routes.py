@@ -1,0 +1,152 @@
+"""The simple API the seed services were built on: /chat, /generate, /batch, /, /health, /model/info."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from llm_server import __doc__ as summary
+from llm_server.api.auth import require_api_key
+from llm_server.api.dependencies import GenerationDep
+from llm_server.api.errors import APIError, error_body, from_engine_error
+from llm_server.api.generation import Generation
+from llm_server.api.schemas import (
+    BatchRequest,
+    BatchResponse,
+    GenerateRequest,
+    GenerateResponse,
+    SimpleChatRequest,
+    SimpleChatResponse,
+    Usage,
+)
+from llm_server.engine.interface import EngineError, Prompt, SamplingParams
+
+router = APIRouter(tags=["simple"])
+protected = APIRouter(dependencies=[Depends(require_api_key)], tags=["simple"])
+VERSION = "0.1.0"
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state = request.app.state.server
+    ready = state.phase == "ready"
+    status = {"ready": "healthy", "loading": "loading", "draining": "draining"}.get(state.phase, "unhealthy")
+    return JSONResponse(
+        {
+            "status": status,
+            "model_loaded": state.generation is not None,
+            "model_name": request.app.state.settings.model_name,
+        },
+        status_code=200 if ready else 503,
+    )
+
+
+@protected.get("/")
+async def root(request: Request) -> dict[str, str]:
+    return {"message": (summary or "").strip(), "version": VERSION, "docs": "/docs", "health": "/health"}
+
+
+@protected.get("/model/info")
+async def model_info(request: Request, generation: GenerationDep) -> dict[str, Any]:
+    settings = request.app.state.settings
+    cards = generation.engine.models()
+    return {
+        "model_name": settings.model_name,
+        "model_path": str(settings.model),
+        "adapters": {card.name: card.path for card in cards if card.parent},
+        "max_model_len": generation.engine.max_model_len,
+        "status": "loaded",
+    }
+
+
+def _model(generation: Generation, requested: str | None) -> str:
+    return requested or generation.engine.base_model
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _encode(encode: Any, model: str, payload: Any) -> Prompt:
+    try:
+        return encode(model, payload)
+    except EngineError as error:
+        raise from_engine_error(error) from None
+
+
+def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams) -> EventSourceResponse:
+    deltas = generation.start(prompt, params)
+    message_id = uuid.uuid4().hex
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for delta in deltas:
+                if delta.text:
+                    yield {
+                        "data": json.dumps({"text": delta.text, "message_id": message_id}, ensure_ascii=False)
+                    }
+        except APIError as error:
+            yield {"data": json.dumps(error_body(error.status, error.message, error.param))}
+        except Exception:
+            yield {"data": json.dumps(error_body(500, "internal server error during generation"))}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15)
+
+
+@protected.post("/chat", response_model=SimpleChatResponse)
+async def chat(body: SimpleChatRequest, request: Request, generation: GenerationDep) -> Any:
+    model = _model(generation, body.model)
+    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+    prompt = _encode(generation.engine.encode_chat, model, messages)
+    params = generation.params(prompt, body.max_tokens, body)
+    if body.stream:
+        return _text_stream(generation, prompt, params)
+    completion = await generation.complete(prompt, params, request)
+    return SimpleChatResponse(
+        response=completion.text,
+        model=model,
+        usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+    )
+
+
+@protected.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request, generation: GenerationDep) -> Any:
+    model = _model(generation, body.model)
+    prompt = _encode(generation.engine.encode_text, model, body.prompt)
+    params = generation.params(prompt, body.max_tokens, body)
+    if body.stream:
+        return _text_stream(generation, prompt, params)
+    completion = await generation.complete(prompt, params, request)
+    return GenerateResponse(
+        generated_text=completion.text,
+        model=model,
+        usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+    )
+
+
+@protected.post("/batch", response_model=BatchResponse)
+async def batch(body: BatchRequest, request: Request, generation: GenerationDep) -> Any:
+    model = _model(generation, body.model)
+    jobs = []
+    for text in body.prompts:
+        prompt = _encode(generation.engine.encode_text, model, text)
+        jobs.append((prompt, generation.params(prompt, body.max_tokens, body)))
+    completions = await generation.complete_many(jobs, request)
+    return BatchResponse(
+        results=[completion.text for completion in completions],
+        model=model,
+        usage=_usage(
+            sum(c.prompt_tokens for c in completions), sum(c.completion_tokens for c in completions)
+        ),
+    )

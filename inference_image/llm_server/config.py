@@ -1,0 +1,61 @@
+"""Every knob of the server, as an LLM_* environment variable (the operator's ConfigMap sets them)."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_", frozen=True)
+
+    model: Path = Field(description="Directory of the base model (transformers format).")
+    adapters: dict[str, Path] = Field(
+        default_factory=dict, description='LoRA adapters, name to directory; as JSON: {"support": "/dir"}.'
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients send; default: the model dir name."
+    )
+    host: str = "0.0.0.0"
+    port: int = 8000
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's own.")
+    max_new_tokens: int = Field(1024, ge=1, description="Most tokens one request may generate.")
+    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request names no limit.")
+    max_batch_size: int = Field(32, ge=1)
+    max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every non-health endpoint needs it as Bearer."
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds before a generation is ended with an error."
+    )
+    drain_seconds: float = Field(
+        5.0, ge=0, description="After SIGTERM: seconds of 503 readiness before the listener closes."
+    )
+    shutdown_timeout: float = Field(
+        90.0, ge=0, description="After the drain: seconds in-flight requests get."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
+    enable_runtime_lora: bool = Field(
+        False, description="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter."
+    )
+    log_format: Literal["json", "plain"] = "json"
+    log_level: Literal["debug", "info", "warning"] = "info"
+    log_prompts: bool = Field(
+        False, description="Log prompts and completions (off: they may hold personal data)."
+    )
+    termination_log: Path = Path("/dev/termination-log")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _no_empty_names(cls, value: object) -> object:
+        if isinstance(value, dict) and any(not str(name) for name in value):
+            raise ValueError("adapter names must not be empty")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.name

@@ -1,0 +1,97 @@
+"""What the HTTP layer may know of an engine: requests in, text deltas out. No torch here."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+
+class EngineError(Exception):
+    """Base of the errors the HTTP layer maps to responses."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"the server is at capacity ({waiting} requests waiting); retry shortly")
+
+
+class ContextTooLong(EngineError):
+    pass
+
+
+class UnknownModel(EngineError):
+    pass
+
+
+class AdapterError(EngineError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt for one model name (the base model or an adapter)."""
+
+    model: str
+    token_ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New text since the last delta; `finish_reason` set on the last one ("stop" or "length")."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    name: str
+    parent: str | None
+    path: str
+
+
+class Engine(Protocol):
+    @property
+    def base_model(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    def models(self) -> list[ModelCard]: ...
+
+    def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt: ...
+
+    def encode_text(self, model: str, text: str) -> Prompt: ...
+
+    def check_budget(self, prompt: Prompt, max_tokens: int) -> None:
+        """Raises ContextTooLong naming the lengths when prompt + max_tokens does not fit."""
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Admits the request at once (or raises QueueFull); closing the iterator cancels the generation."""
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """(running, waiting) adapter names."""
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def shutdown(self) -> None: ...

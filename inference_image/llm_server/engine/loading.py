@@ -1,0 +1,103 @@
+"""Load a base model and its LoRA adapters from local directories, onto the right device."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from llm_server.engine.interface import AdapterError
+
+logger = logging.getLogger(__name__)
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in per-row adapter selection
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    max_model_len: int
+    adapters: dict[str, str]
+
+    @property
+    def has_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    def adapter_names(self, adapter: str | None) -> dict[str, Any]:
+        """forward() keyword selecting the adapter (or the base model) for a batch of one row."""
+        if not self.has_peft:
+            return {}
+        return {"adapter_names": [adapter or BASE_ADAPTER]}
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def load_model(
+    model_dir: Path, adapters: dict[str, Path], dtype: str, device: str, max_model_len: int | None
+) -> LoadedModel:
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"no model at {model_dir}: config.json is missing")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Several GPUs in the pod: spread the layers with accelerate; otherwise one device.
+    spread = target.type == "cuda" and torch.cuda.device_count() > 1
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype, attn_implementation="sdpa", device_map="auto" if spread else None
+    )
+    if not spread:
+        model.to(target)
+    model.eval()
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    loaded = LoadedModel(model, tokenizer, target, min(limit, max_model_len or limit), {})
+    for name, path in adapters.items():
+        attach_adapter(loaded, name, str(path))
+    logger.info(
+        "model loaded",
+        extra={
+            "model": str(model_dir),
+            "device": str(target),
+            "dtype": str(torch_dtype),
+            "adapters": sorted(loaded.adapters),
+        },
+    )
+    return loaded
+
+
+def attach_adapter(loaded: LoadedModel, name: str, path: str) -> None:
+    if name in loaded.adapters:
+        raise AdapterError(f"adapter {name!r} is already loaded")
+    if not (Path(path) / "adapter_config.json").exists():
+        raise AdapterError(f"adapter {name!r} failed to load: no adapter_config.json in {path}")
+    try:
+        if loaded.has_peft:
+            loaded.model.load_adapter(path, adapter_name=name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name)
+        loaded.model.eval()
+    except Exception as error:  # peft raises many kinds (shape mismatch, missing keys, bad config)
+        raise AdapterError(f"adapter {name!r} failed to load from {path}: {error}") from error
+    loaded.adapters[name] = path
+
+
+def detach_adapter(loaded: LoadedModel, name: str) -> None:
+    if name not in loaded.adapters:
+        raise AdapterError(f"adapter {name!r} is not loaded")
+    loaded.model.delete_adapter(name)
+    del loaded.adapters[name]

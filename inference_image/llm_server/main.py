@@ -1,0 +1,104 @@
+"""create_app(settings): the FastAPI app, with a lifespan that loads the engine in the background so that
+/health/ready can answer 503 while the model loads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from llm_server.api import health_routes, lora_routes, openai_routes, simple_routes
+from llm_server.api.errors import install_error_handlers
+from llm_server.api.generation import Generation
+from llm_server.api.metrics import ServerMetrics
+from llm_server.api.middleware import RequestContext
+from llm_server.config import ServerSettings
+from llm_server.engine.interface import Engine
+
+logger = logging.getLogger(__name__)
+EngineFactory = Callable[[ServerSettings], Engine]
+
+
+@dataclasses.dataclass
+class ServerState:
+    phase: str = "loading"  # loading -> ready -> draining; or failed
+    generation: Generation | None = None
+    failure: str | None = None
+
+
+def build_engine(settings: ServerSettings) -> Engine:
+    from llm_server.engine.loading import load_model
+    from llm_server.engine.sequential import SequentialEngine
+
+    loaded = load_model(
+        settings.model, dict(settings.adapters), settings.dtype, settings.device, settings.max_model_len
+    )
+    return SequentialEngine(loaded, settings.model_name, settings.max_queued_requests)
+
+
+def write_termination_message(path: Path, message: str) -> None:
+    """Kubernetes shows this file's content in the pod status (the operator surfaces it)."""
+    with contextlib.suppress(OSError):
+        if path.parent.exists():
+            path.write_text(message[:4096], encoding="utf-8")
+
+
+def create_app(
+    settings: ServerSettings,
+    engine_factory: EngineFactory = build_engine,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    state = ServerState()
+    metrics = ServerMetrics(CollectorRegistry(), settings.model_name)
+
+    async def load() -> None:
+        try:
+            engine = await asyncio.to_thread(engine_factory, settings)
+        except Exception as error:
+            state.phase, state.failure = "failed", f"startup failed: {error}"
+            logger.error(state.failure)
+            write_termination_message(settings.termination_log, state.failure)
+            if on_fatal is not None:
+                on_fatal(state.failure)
+            return
+        metrics.watch_engine(
+            lambda: engine.running,
+            lambda: engine.waiting,
+            engine.adapters_in_use,
+            max_lora=len(settings.adapters),
+        )
+        state.generation = Generation(engine, settings, metrics)
+        if state.phase == "loading":
+            state.phase = "ready"
+        logger.info("ready to serve", extra={"model_name": settings.model_name})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load())
+        yield
+        loading.cancel()
+        if state.generation is not None:
+            state.generation.engine.shutdown()
+
+    app = FastAPI(
+        title="llm-server",
+        version=simple_routes.VERSION,
+        lifespan=lifespan,
+        summary="OpenAI-compatible inference for a base model and its LoRA adapters",
+    )
+    app.state.settings, app.state.server, app.state.metrics = settings, state, metrics
+    install_error_handlers(app)
+    app.include_router(health_routes.router)
+    app.include_router(simple_routes.router)
+    app.include_router(simple_routes.protected)
+    app.include_router(openai_routes.router)
+    if settings.enable_runtime_lora:
+        app.include_router(lora_routes.router)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app
