@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,7 +11,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_server.engine.interface import AdapterError, ContextTooLong, QueueFull, UnknownModel
 
-logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
 ERROR_TYPES = {
     400: "BadRequestError",
@@ -97,9 +95,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, error: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", "-")
-        logger.exception("unhandled error")
-        return error_response(500, f"internal server error (request id {request_id})")

@@ -49,6 +49,7 @@ class Generation:
             temperature=fields.temperature,
             top_p=fields.top_p,
             seed=fields.seed,
+            ignore_eos=fields.ignore_eos,
             stop=fields.stop_strings(),
         )
 

@@ -31,11 +31,11 @@ class RequestContext:
         token = request_id.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
-        status = {"code": 500}
+        status: dict[str, Any] = {"code": 500}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
@@ -47,6 +47,11 @@ class RequestContext:
                 )
             else:
                 await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
+        except Exception:
+            # The one place unexpected errors end: logged with their traceback, answered without it.
+            logger.exception("unhandled error")
+            if "started" not in status:
+                await _reject(send_with_id, 500, f"internal server error (request id {rid})")
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")

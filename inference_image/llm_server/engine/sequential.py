@@ -125,8 +125,10 @@ class SequentialEngine:
         self._adapter_for(prompt.model)
         job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            if len(self._waiting) >= self._max_queued and self._current is not None:
-                raise QueueFull(len(self._waiting))
+            # One request decodes at a time; max_queued more may wait behind it.
+            in_system = len(self._waiting) + (self._current is not None)
+            if in_system >= 1 + self._max_queued:
+                raise QueueFull(in_system - 1)
             self._waiting.append(job)
         self._queue.put(job)
         return self._stream(job)

@@ -1,0 +1,206 @@
+"""Every failure in one shape, with the right status code and nothing half-done."""
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm_server.config import ServerSettings
+from llm_server.engine.interface import Delta, Prompt, SamplingParams
+from llm_server.main import build_engine
+from tests.inference.harness import RunningServer, running_server
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    for fragment in fragments:
+        assert fragment in error["message"]
+    return error
+
+
+def test_prompt_longer_than_the_context_names_the_lengths(server: RunningServer) -> None:
+    long = {**CHAT, "messages": [{"role": "user", "content": "fox " * 2000}], "max_tokens": 10}
+    error = assert_error(
+        httpx.post(f"{server.url}/v1/chat/completions", json=long),
+        400,
+        "maximum context length is 512 tokens",
+        "in the messages",
+        "10 in the completion",
+    )
+    assert error["type"] == "BadRequestError"
+
+
+def test_max_tokens_too_large(server: RunningServer) -> None:
+    assert_error(
+        httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 100_000}),
+        400,
+        "max_tokens must be at most",
+    )
+    assert_error(
+        httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 600}),
+        400,
+        "maximum context length",
+    )
+
+
+def test_unknown_model_or_adapter(server: RunningServer) -> None:
+    error = assert_error(
+        httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "model": "gpt-5"}), 404, "gpt-5"
+    )
+    assert error["param"] == "model"
+    assert_error(httpx.post(f"{server.url}/generate", json={"prompt": "x", "model": "nope"}), 404)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**CHAT, "messages": []}, "messages"),
+        ({**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({**CHAT, "temperature": -1}, "temperature"),
+        ({**CHAT, "top_p": 1.5}, "top_p"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens"),
+        ({"messages": CHAT["messages"]}, "model"),
+        ({**CHAT, "n": 2}, "n"),
+    ],
+)
+def test_malformed_bodies_are_400_naming_the_field(server: RunningServer, body: dict, param: str) -> None:
+    error = assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=body), 400)
+    assert error["param"] == param
+
+
+def test_not_json_and_not_a_number(server: RunningServer) -> None:
+    assert_error(
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        ),
+        400,
+    )
+    raw = json.dumps(CHAT).replace('"max_tokens": 4', '"max_tokens": 4, "temperature": NaN')
+    assert_error(
+        httpx.post(
+            f"{server.url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+        ),
+        400,
+    )
+
+
+def test_unknown_route_and_method(server: RunningServer) -> None:
+    assert_error(httpx.get(f"{server.url}/v2/nothing"), 404)
+    assert_error(httpx.get(f"{server.url}/v1/chat/completions"), 405)
+
+
+def test_oversized_body_is_413(demo: tuple[Path, Path]) -> None:
+    with running_server(demo[0], served_model_name="tiny", max_body_bytes=4096) as server:
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
+        assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=big), 413, "exceeds 4096")
+
+
+def test_queue_full_is_429_with_retry_after_and_the_server_recovers(demo: tuple[Path, Path]) -> None:
+    long = {**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with running_server(demo[0], served_model_name="tiny", max_queued_requests=0) as server:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long) as running:
+            lines = running.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines)  # the long request is being decoded
+            response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
+            assert_error(response, 429, "capacity")
+            assert response.headers["retry-after"] == "1"
+        deadline = time.monotonic() + 10
+        while server.metric("vllm:num_requests_running", {"model_name": "tiny"}):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_timeout_mid_stream_sends_an_error_event_then_done(demo: tuple[Path, Path]) -> None:
+    with running_server(demo[0], served_model_name="tiny", request_timeout=0.3) as server:
+        slow = {**CHAT, "max_tokens": 500, "ignore_eos": True}
+        plain = httpx.post(f"{server.url}/v1/chat/completions", json=slow, timeout=30)
+        started = time.monotonic()
+        assert_error(plain, 504, "request timeout of 0.3 s")
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json={**slow, "stream": True}
+        ) as response:
+            events = [
+                line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")
+            ]
+        assert time.monotonic() - started < 10
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == 504
+
+
+class ExplodingEngine:
+    """A real engine whose generation fails mid-way: the HTTP layer must answer 500 without a traceback."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self._engine = build_engine(settings)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        async def failing() -> AsyncIterator[Delta]:
+            yield Delta("partial", 1)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered at /secret/path.py:42")
+
+        return failing()
+
+
+def test_internal_failure_is_500_without_details(demo: tuple[Path, Path]) -> None:
+    with running_server(demo[0], served_model_name="tiny", engine_factory=ExplodingEngine) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
+        error = assert_error(response, 500, "internal server error", response.headers["x-request-id"])
+        assert "secret" not in response.text and "Traceback" not in response.text
+        assert error["type"] == "InternalServerError"
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as streamed:
+            events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == 500
+        assert "secret" not in "".join(events)
+
+
+def test_api_key(demo: tuple[Path, Path]) -> None:
+    with running_server(demo[0], served_model_name="tiny", api_key="s3cret-key") as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+            for method, path, body in (
+                ("POST", "/v1/chat/completions", CHAT),
+                ("GET", "/v1/models", None),
+                ("POST", "/chat", {"messages": CHAT["messages"]}),
+                ("POST", "/generate", {"prompt": "x"}),
+                ("POST", "/batch", {"prompts": ["x"]}),
+                ("GET", "/model/info", None),
+                ("GET", "/", None),
+            ):
+                response = httpx.request(method, f"{server.url}{path}", json=body, headers=headers)
+                assert_error(response, 401, "API key")
+                assert response.headers["www-authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer s3cret-key"}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers=good).status_code == 200
+        for open_path in ("/health", "/health/live", "/health/ready", "/metrics"):
+            assert httpx.get(f"{server.url}{open_path}").status_code == 200
+
+
+def test_concurrent_requests_all_complete(server: RunningServer) -> None:
+    results: list[int] = []
+
+    def call() -> None:
+        results.append(httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 8
