@@ -146,7 +146,7 @@ def test_unicode_survives_streaming(client: openai.OpenAI) -> None:
     # Byte-level BPE can split a character across tokens; no chunk may carry half of one.
     stream = client.chat.completions.create(
         model="tiny",
-        messages=[{"role": "user", "content": "你好，世界。こんにちは。🙂"}],
+        messages=[{"role": "user", "content": "你好，世界。こんにちは。🙂"}],  # noqa: RUF001
         max_tokens=40,
         temperature=1.0,
         seed=3,

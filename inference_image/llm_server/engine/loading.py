@@ -99,5 +99,9 @@ def attach_adapter(loaded: LoadedModel, name: str, path: str) -> None:
 def detach_adapter(loaded: LoadedModel, name: str) -> None:
     if name not in loaded.adapters:
         raise AdapterError(f"adapter {name!r} is not loaded")
-    loaded.model.delete_adapter(name)
+    if len(loaded.adapters) == 1:
+        # The last one: back to the plain model (peft cannot select "no adapter" with none loaded).
+        loaded.model = loaded.model.unload()
+    else:
+        loaded.model.delete_adapter(name)
     del loaded.adapters[name]

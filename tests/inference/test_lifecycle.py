@@ -1,0 +1,233 @@
+"""Readiness while loading and draining, metrics, disconnects, adapter failures and runtime adapters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm_server.config import ServerSettings
+from llm_server.engine.interface import Engine
+from llm_server.main import build_engine
+from tests.conftest import ROOT
+from tests.inference.harness import RunningServer, free_port, running_server
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+def wait_for(check, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.05)
+
+
+def test_not_ready_while_the_model_loads(demo: tuple[Path, Path]) -> None:
+    release = threading.Event()
+
+    def slow_loading(settings: ServerSettings) -> Engine:
+        release.wait(30)  # a big model still reading its weights
+        return build_engine(settings)
+
+    with running_server(
+        demo[0], served_model_name="tiny", engine_factory=slow_loading, wait_ready=False
+    ) as server:
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+        ready = httpx.get(f"{server.url}/health/ready")
+        assert (ready.status_code, ready.json()) == (503, {"status": "loading"})
+        assert httpx.get(f"{server.url}/health").json()["status"] == "loading"
+        busy = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
+        assert busy.status_code == 503 and busy.json()["error"]["message"] == "the model is still loading"
+        release.set()
+        server.wait_ready()
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_metrics_after_traffic(server: RunningServer) -> None:
+    for _ in range(3):
+        httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 6, "ignore_eos": True})
+    httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={**CHAT, "model": "support", "max_tokens": 6, "ignore_eos": True},
+    )
+    httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "model": "nope"})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:lora_requests_info",
+    ):
+        assert f"{name}" in text and 'model_name="tiny"' in text, name
+    assert (
+        server.metric("vllm:request_success_total", {"model_name": "tiny", "finished_reason": "length"}) >= 4
+    )
+    assert server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) >= 24
+    assert server.metric("vllm:e2e_request_latency_seconds_count", {"model_name": "tiny"}) >= 4
+    assert server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0
+    assert (
+        server.metric(
+            "llm_server_http_requests_total",
+            {"method": "POST", "route": "/v1/chat/completions", "status": "404"},
+        )
+        >= 1
+    )
+    assert (
+        server.metric(
+            "llm_server_http_requests_total",
+            {"method": "POST", "route": "/v1/chat/completions", "status": "200"},
+        )
+        >= 4
+    )
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server: RunningServer) -> None:
+    before = server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) or 0
+    long = {**CHAT, "max_tokens": 480, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**long, "stream": True}) as response:
+        lines = response.iter_lines()
+        next(lines)
+        wait_for(lambda: server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 1)
+    # The stream is closed: the engine stops at its next step and the slot is free.
+    wait_for(lambda: server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0, timeout=5)
+    generated = (server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) or 0) - before
+    assert generated < 480
+
+    # The same for a plain (non-streamed) request whose client gives up.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=long, timeout=0.2)
+    wait_for(lambda: server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0, timeout=5)
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def start_process(demo: tuple[Path, Path], port: int, *args: str, **env: str) -> subprocess.Popen[str]:
+    environment = {**os.environ, "LLM_LOG_FORMAT": "json", **env}
+    command = [
+        sys.executable,
+        "-m",
+        "llm_server.cli",
+        "serve",
+        "--model",
+        str(demo[0]),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        *args,
+    ]
+    return subprocess.Popen(
+        command, env=environment, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_sigterm_drains_then_finishes_in_flight_requests(demo: tuple[Path, Path]) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_process(demo, port, LLM_DRAIN_SECONDS="1", LLM_SHUTDOWN_TIMEOUT="20")
+    try:
+        wait_for(lambda: _status(f"{url}/health/ready") == 200, timeout=60)
+        result: dict[str, object] = {}
+
+        def in_flight() -> None:
+            body = {**CHAT, "max_tokens": 400, "ignore_eos": True}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            result["status"], result["tokens"] = (
+                response.status_code,
+                response.json()["usage"]["completion_tokens"],
+            )
+
+        caller = threading.Thread(target=in_flight)
+        caller.start()
+        time.sleep(0.1)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: _status(f"{url}/health/ready") == 503, timeout=2)
+        caller.join(30)
+        assert result == {"status": 200, "tokens": 400}, "the in-flight request finished"
+        # uvicorn re-raises the signal once shut down: the status a SIGTERM'd process reports.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - sent < 25
+    finally:
+        process.kill()
+    output = process.stdout.read() if process.stdout else ""
+    assert "draining" in output
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=1).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_an_adapter_that_fails_to_load_fails_startup_with_a_reason(
+    demo: tuple[Path, Path], tmp_path: Path
+) -> None:
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    broken = tmp_path / "broken-adapter"
+    broken.mkdir()
+    process = start_process(
+        demo,
+        free_port(),
+        "--adapter",
+        f"support={demo[1]}",
+        "--adapter",
+        f"broken={broken}",
+        LLM_TERMINATION_LOG=str(termination_log),
+    )
+    try:
+        assert process.wait(60) == 1
+    finally:
+        process.kill()
+    reason = termination_log.read_text()
+    assert reason.startswith("startup failed: adapter 'broken' failed to load")
+    assert "adapter_config.json" in reason
+    output = process.stdout.read() if process.stdout else ""
+    assert any(
+        json.loads(line).get("message", "").startswith("startup failed")
+        for line in output.splitlines()
+        if line.startswith("{")
+    )
+
+
+def test_runtime_adapters_when_enabled(demo: tuple[Path, Path]) -> None:
+    with running_server(demo[0], served_model_name="tiny", enable_runtime_lora=True) as server:
+        load = {"lora_name": "late", "lora_path": str(demo[1])}
+        response = httpx.post(f"{server.url}/v1/load_lora_adapter", json=load)
+        assert response.status_code == 200 and "late" in response.text
+        ids = [model["id"] for model in httpx.get(f"{server.url}/v1/models").json()["data"]]
+        assert ids == ["tiny", "late"]
+        chat = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "model": "late"})
+        assert chat.status_code == 200
+        again = httpx.post(f"{server.url}/v1/load_lora_adapter", json=load)
+        assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
+        missing = httpx.post(
+            f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nope"}
+        )
+        assert missing.status_code == 400
+        assert (
+            httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+        )
+        assert (
+            httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "model": "late"}).status_code == 404
+        )
+        gone = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "late"})
+        assert gone.status_code == 404
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_runtime_adapters_are_off_by_default(server: RunningServer) -> None:
+    response = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"})
+    assert response.status_code == 404
