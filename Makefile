@@ -21,18 +21,18 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check operator inference_image tests benchmarks
+	$(VENV)/bin/ruff format --check operator inference_image tests benchmarks tools
 
 format: install
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format operator inference_image tests benchmarks
+	$(VENV)/bin/ruff format operator inference_image tests benchmarks tools
 
-# The main job on its embedded default: render the example LLMService into the manifests it becomes.
+# The main job on its embedded default: the demo model, rendered by the operator, served and chatted with.
 demo: install
-	$(VENV)/bin/llmservice-operator render -f examples/support-bot.yaml
+	$(PY) -m tools.demo
 
 bench-operator: install
 	$(PY) -m benchmarks.operator_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .demo

@@ -231,3 +231,40 @@ def test_runtime_adapters_when_enabled(demo: tuple[Path, Path]) -> None:
 def test_runtime_adapters_are_off_by_default(server: RunningServer) -> None:
     response = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"})
     assert response.status_code == 404
+
+
+def test_prompts_are_logged_only_when_asked(
+    demo: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "my card number is 4111 1111 1111 1111"
+    body = {**CHAT, "messages": [{"role": "user", "content": secret}]}
+    with caplog.at_level("INFO"), running_server(demo[0], served_model_name="tiny") as server:
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions", json=body, headers={"X-Request-Id": "req-42"}
+        )
+        assert response.headers["x-request-id"] == "req-42"
+    finished = [record for record in caplog.records if record.getMessage() == "generation finished"]
+    assert finished and finished[0].completion_tokens == 4
+    assert secret not in caplog.text
+    caplog.clear()
+    with (
+        caplog.at_level("INFO"),
+        running_server(demo[0], served_model_name="tiny", log_prompts=True) as server,
+    ):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert any(secret in str(getattr(record, "prompt", "")) for record in caplog.records)
+
+
+def test_json_log_lines_carry_the_request_id() -> None:
+    import logging
+
+    from llm_server.logs import JsonFormatter, request_id
+
+    token = request_id.set("abc123")
+    try:
+        record = logging.LogRecord("llm_server", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+        record.status = 200
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id.reset(token)
+    assert line["message"] == "hello world" and line["request_id"] == "abc123" and line["status"] == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,8 @@ from llm_server.api.metrics import ServerMetrics
 from llm_server.api.schemas import SamplingFields
 from llm_server.config import ServerSettings
 from llm_server.engine.interface import Delta, Engine, EngineError, Prompt, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -65,6 +68,9 @@ class Generation:
         metrics, model = self._metrics, self._metrics.model_name
         started = last = time.perf_counter()
         seen = 0
+        generated: list[str] = []
+        if self._settings.log_prompts:  # off by default: prompts may hold personal data
+            logger.info("prompt", extra={"model": prompt.model, "prompt": prompt.text})
         deadline = started + self._settings.request_timeout
         try:
             while True:
@@ -89,7 +95,20 @@ class Generation:
                     metrics.itl.labels(model).observe((now - last) / max(new_tokens, 1))
                 metrics.generation_tokens.labels(model).inc(delta.completion_tokens - seen)
                 seen, last = delta.completion_tokens, now
+                if self._settings.log_prompts:
+                    generated.append(delta.text)
                 if delta.finish_reason is not None:
+                    logger.info(
+                        "generation finished",
+                        extra={
+                            "model": prompt.model,
+                            "prompt_tokens": len(prompt.token_ids),
+                            "completion_tokens": delta.completion_tokens,
+                            "finish_reason": delta.finish_reason,
+                            "seconds": round(now - started, 3),
+                            **({"completion": "".join(generated)} if self._settings.log_prompts else {}),
+                        },
+                    )
                     metrics.prompt_tokens.labels(model).inc(len(prompt.token_ids))
                     metrics.e2e.labels(model).observe(now - started)
                     metrics.success.labels(model, delta.finish_reason).inc()

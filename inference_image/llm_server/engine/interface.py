@@ -44,6 +44,7 @@ class Prompt:
 
     model: str
     token_ids: tuple[int, ...]
+    text: str = ""  # what the client sent, for LLM_LOG_PROMPTS only
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -104,11 +105,11 @@ class SequentialEngine:
         ids = self._loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        return Prompt(model, tuple(int(i) for i in ids))
+        return Prompt(model, tuple(int(i) for i in ids), json.dumps(messages, ensure_ascii=False))
 
     def encode_text(self, model: str, text: str) -> Prompt:
         self._adapter_for(model)
-        return Prompt(model, tuple(self._loaded.tokenizer.encode(text)))
+        return Prompt(model, tuple(self._loaded.tokenizer.encode(text)), text)
 
     def check_budget(self, prompt: Prompt, max_tokens: int) -> None:
         prompt_len, limit = len(prompt.token_ids), self.max_model_len
