@@ -7,8 +7,12 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
+
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 logger = logging.getLogger(__name__)
+PROGRESS_INTERVAL_SECONDS = 10.0
 
 
 class DownloadError(Exception):
@@ -105,36 +109,13 @@ def _from_hub(repo: str, dest: Path, revision: str | None) -> Path:
     return Path(path)
 
 
-class _LoggingProgress:
-    """A tqdm stand-in that logs each file's progress every 10% instead of drawing bars."""
+class _LoggingProgress(hf_tqdm):
+    """huggingface_hub's own progress bar, reporting to the log every few seconds instead of drawing."""
 
-    def __init__(
-        self, *args: object, total: float | None = None, desc: str | None = None, **kwargs: object
-    ) -> None:
-        self.total, self.desc, self.n, self._logged = total, desc or "download", 0.0, -10
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["mininterval"] = PROGRESS_INTERVAL_SECONDS
+        super().__init__(*args, **kwargs)
 
-    def update(self, amount: float = 1) -> None:
-        self.n += amount
-        if self.total:
-            percent = int(self.n * 100 / self.total)
-            if percent >= self._logged + 10:
-                self._logged = percent - percent % 10
-                logger.info("progress", extra={"what": self.desc, "percent": self._logged})
-
-    def __enter__(self) -> _LoggingProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
-
-    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
-        self.desc = desc
-
-    def refresh(self) -> None:
-        pass
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(())
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        logger.info("progress", extra={"what": self.desc, "done": self.n, "total": self.total})
+        return True

@@ -59,37 +59,83 @@ def test_download_rejects_bad_sources_clearly(source: str, message: str, tmp_pat
     assert message in result.stderr
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
 class FakeHub(http.server.BaseHTTPRequestHandler):
-    """Answers as the Hugging Face Hub does for a missing repo, a gated repo and a missing revision."""
+    """A stand-in for the Hugging Face Hub on loopback: serves one public repo (acme/tiny, the demo
+    model's files) and answers as the hub does for a private repo and a gated one."""
+
+    files: Path  # set by the fixture
 
     def do_GET(self) -> None:
-        if "/private-" in self.path:
+        path = self.path.split("?")[0]
+        if "/private-" in path:
             self._error(401, "RepoNotFound")
-        elif "/gated-" in self.path:
+        elif "/gated-" in path:
             self._error(403, "GatedRepo")
-        elif "/revision/" in self.path and "nonexistent" in self.path:
-            self._error(404, "RevisionNotFound")
+        elif path.startswith("/api/models/acme/tiny/revision/"):
+            siblings = [{"rfilename": file.name} for file in sorted(self.files.iterdir())]
+            self._send(
+                200,
+                json.dumps({"id": "acme/tiny", "sha": COMMIT, "siblings": siblings}).encode(),
+                "application/json",
+            )
+        elif path.startswith("/api/models/acme/tiny/tree/"):
+            entries = [
+                {
+                    "type": "file",
+                    "path": file.name,
+                    "size": file.stat().st_size,
+                    "oid": str(abs(hash(file.name))),
+                }
+                for file in sorted(self.files.iterdir())
+            ]
+            self._send(200, json.dumps(entries).encode(), "application/json")
+        elif path.startswith("/acme/tiny/resolve/"):
+            file = self.files / path.rsplit("/", 1)[1]
+            if not file.is_file():
+                self._error(404, "EntryNotFound")
+            else:
+                self._send(
+                    200,
+                    file.read_bytes(),
+                    "application/octet-stream",
+                    {"X-Repo-Commit": COMMIT, "ETag": f'"{abs(hash(file.name))}"'},
+                )
         else:
             self._error(404, "RepoNotFound")
 
     do_HEAD = do_GET
 
-    def _error(self, status: int, code: str) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(json.dumps({"error": code}).encode())
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str) -> None:
+        self._send(
+            status,
+            json.dumps({"error": code}).encode(),
+            "application/json",
+            {"X-Error-Code": code, "X-Error-Message": code},
+        )
 
     def log_message(self, *args: object) -> None:
         pass
 
 
 @pytest.fixture(scope="module")
-def fake_hub() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+def fake_hub(demo: tuple[Path, Path]) -> Iterator[str]:
+    handler = type("DemoHub", (FakeHub,), {"files": demo[0]})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -116,6 +162,28 @@ def test_download_explains_hub_errors(fake_hub: str, tmp_path: Path, repo: str, 
     )
     assert result.returncode == 1, result.stderr
     assert message in result.stderr
+
+
+def test_download_from_the_hub_and_again(fake_hub: str, demo: tuple[Path, Path], tmp_path: Path) -> None:
+    dest = tmp_path / "m"
+    for _ in range(2):  # the second run finds the files in place (a restarted init container)
+        result = cli(
+            "download",
+            "--source",
+            "hf://acme/tiny",
+            "--revision",
+            "main",
+            "--dest",
+            str(dest),
+            HF_ENDPOINT=fake_hub,
+            HF_HUB_OFFLINE="0",
+            HF_TOKEN="hf_canary_token",
+        )
+        assert result.returncode == 0, result.stderr
+    for file in demo[0].iterdir():
+        assert (dest / file.name).read_bytes() == file.read_bytes()
+    assert "download complete" in result.stderr
+    assert "hf_canary_token" not in result.stderr
 
 
 def test_download_offline_says_the_hub_is_unreachable(tmp_path: Path) -> None:
