@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+VERSION ?= 0.1.0
 
-.PHONY: install test lint format demo bench-operator clean
+.PHONY: install test lint format demo bench-operator chart-crds images e2e clean
 
 install: $(INSTALLED)
 
@@ -33,6 +34,20 @@ demo: install
 
 bench-operator: install
 	$(PY) -m benchmarks.operator_bench
+
+# The chart's CRD template is generated from crds/ (a test fails when they differ).
+chart-crds: install
+	$(PY) tools/sync_chart_crds.py
+
+# Both images, with docker (not available on every machine; CI here has no engine).
+images:
+	docker build -f operator/Dockerfile -t llmservice/operator:$(VERSION) .
+	docker build -f inference_image/Dockerfile -t llmservice/inference:$(VERSION) .
+	docker build -f inference_image/Dockerfile.cpu -t llmservice/inference:$(VERSION)-cpu .
+
+# A real cluster end to end (docker, kind, kubectl, helm): see tests/e2e/run.sh.
+e2e:
+	bash tests/e2e/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .demo

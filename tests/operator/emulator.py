@@ -14,12 +14,23 @@ import collections
 import datetime
 import itertools
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import kmock
 from kmock._internal import rendering
 
 APPLY_PATCH = "application/apply-patch+yaml"
+
+
+class Call(NamedTuple):
+    user_agent: str
+    method: str
+    action: str  # kmock's reading of the request: LIST, WATCH, FETCH, CREATE, UPDATE, DELETE
+    group: str
+    plural: str
+    subresource: str
+
+
 LLMSERVICES = "serving.llmservice.io/v1alpha1/llmservices"
 
 
@@ -37,6 +48,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         )
         self.versions = itertools.count(1)
         self.deleted_uids: set[str] = set()
+        self.log: list[Call] = []  # every API call and who made it (for the RBAC check)
         # (method, resource plural, subresource) -> count; for request budgets in tests and benchmarks.
         self.calls: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
@@ -96,9 +108,19 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is not None:
-            self.calls[
-                (str(request.method.value).upper(), request.resource.plural or "", request.subresource or "")
-            ] += 1
+            method = str(request.method.value).upper()
+            self.calls[(method, request.resource.plural or "", request.subresource or "")] += 1
+            action = request.action.value if request.action else ""
+            self.log.append(
+                Call(
+                    request.headers.get("User-Agent", ""),
+                    method,
+                    action,
+                    request.resource.group or "",
+                    request.resource.plural or "",
+                    request.subresource or "",
+                )
+            )
             if isinstance(request.data, dict):
                 creating = self._is_creating_apply(request)
                 self._stamp(request)

@@ -1,0 +1,79 @@
+{{/* Chart name, truncated to fit a label. */}}
+{{- define "llmservice-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: the release name, unless it already contains the chart name. */}}
+{{- define "llmservice-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "llmservice-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llmservice-operator.labels" -}}
+helm.sh/chart: {{ include "llmservice-operator.chart" . }}
+{{ include "llmservice-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "llmservice-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmservice-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "llmservice-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llmservice-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llmservice-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Peering name: one per release, so that two releases never share a lock. */}}
+{{- define "llmservice-operator.peering" -}}
+{{- include "llmservice-operator.fullname" . }}
+{{- end }}
+
+{{/* The application rules (what the reconciler reads and writes), shared by ClusterRole and Roles. */}}
+{{- define "llmservice-operator.applicationRules" -}}
+# LLMServices: watched through kopf; get confirms an owner exists before a child is recreated;
+# patch carries kopf's progress annotations; the status subresource carries conditions.
+- apiGroups: ["serving.llmservice.io"]
+  resources: ["llmservices"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["serving.llmservice.io"]
+  resources: ["llmservices/status"]
+  verbs: ["patch"]
+# Children: server-side apply (patch) creates and updates; HPA and PDB are deleted when the spec drops them.
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "watch", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list", "watch", "patch", "delete"]
+# Pods: read-only, for status (Unschedulable, ImagePullBackOff, CrashLoopBackOff, termination messages).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# Events on LLMServices.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
