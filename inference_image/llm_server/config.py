@@ -24,7 +24,10 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's own.")
     max_new_tokens: int = Field(1024, ge=1, description="Most tokens one request may generate.")
     default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request names no limit.")
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(32, ge=1, description="Requests decoded together in one step.")
+    max_batch_tokens: int = Field(
+        65536, ge=16, description="Cache budget of the batch: prompt + max_tokens summed over its requests."
+    )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(
         None, description="When set, every non-health endpoint needs it as Bearer."

@@ -33,13 +33,19 @@ class ServerState:
 
 
 def build_engine(settings: ServerSettings) -> Engine:
+    from llm_server.engine.batching import BatchingEngine
     from llm_server.engine.loading import load_model
-    from llm_server.engine.sequential import SequentialEngine
 
     loaded = load_model(
         settings.model, dict(settings.adapters), settings.dtype, settings.device, settings.max_model_len
     )
-    return SequentialEngine(loaded, settings.model_name, settings.max_queued_requests)
+    return BatchingEngine(
+        loaded,
+        settings.model_name,
+        settings.max_batch_size,
+        settings.max_queued_requests,
+        settings.max_batch_tokens,
+    )
 
 
 def write_termination_message(path: Path, message: str) -> None:

@@ -108,7 +108,7 @@ def test_oversized_body_is_413(demo: tuple[Path, Path]) -> None:
 
 def test_queue_full_is_429_with_retry_after_and_the_server_recovers(demo: tuple[Path, Path]) -> None:
     long = {**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with running_server(demo[0], served_model_name="tiny", max_queued_requests=0) as server:
+    with running_server(demo[0], served_model_name="tiny", max_batch_size=1, max_queued_requests=0) as server:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long) as running:
             lines = running.iter_lines()  # kept: dropping the iterator would close the stream
             next(lines)  # the long request is being decoded

@@ -54,6 +54,7 @@ class Delta:
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()  # the tokens sampled since the last delta (text may lag behind them)
 
 
 @dataclasses.dataclass(frozen=True)

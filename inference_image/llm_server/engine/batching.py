@@ -1,0 +1,395 @@
+"""Continuous batching: every decoding step runs all active requests together, whatever their adapter.
+
+A request joins at the next step (after its own prefill), and leaves the batch the moment it finishes,
+hits a stop string, runs out of tokens or its client goes away; its rows of the KV cache go with it.
+Rows are left-padded to a common length, each with its own attention mask and positions, and peft picks
+each row's LoRA adapter (or none) in the same forward pass. One worker thread runs the model; the event
+loop only receives deltas (call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from llm_server.engine.detokenizer import IncrementalDetokenizer
+from llm_server.engine.interface import (
+    AdapterError,
+    ContextTooLong,
+    Delta,
+    ModelCard,
+    Prompt,
+    QueueFull,
+    SamplingParams,
+    UnknownModel,
+)
+from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
+from llm_server.engine.sampling import make_generator, sample
+from llm_server.engine.stops import StopMatcher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    prompt: Prompt
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Delta | BaseException]
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def emit(self, item: Delta | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """A request in the running batch: its row of the cache, sampling state and text state."""
+
+    job: Job
+    adapter: str | None
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    length: int  # tokens in its cache (prompt + generated so far, excluding the pending token)
+    next_token: int  # sampled, not yet fed to the model
+    produced: int = 0
+    unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in a delta
+
+    def delta(self, text: str, finish_reason: str | None = None) -> Delta:
+        ids, self.unsent = tuple(self.unsent), []
+        return Delta(text, self.produced, finish_reason, ids)
+
+
+class Batch:
+    """The KV cache of the running sequences, left-padded to one length, with masks and positions."""
+
+    def __init__(self) -> None:
+        self.sequences: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for real tokens
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add(self, sequence: Sequence, cache: DynamicCache) -> None:
+        """Appends a prefilled sequence: pads whichever side is shorter on the left, then stacks rows."""
+        new_len = cache.get_seq_length()
+        width = max(self.width, new_len)
+        device = cache.layers[0].keys.device
+        new_mask = torch.zeros((1, width), dtype=torch.long, device=device)
+        new_mask[0, width - new_len :] = 1
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, new_mask
+        else:
+            layers = []
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                layers.append(
+                    (
+                        torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)], dim=0),
+                        torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)], dim=0),
+                    )
+                )
+            self.cache = DynamicCache(ddp_cache_data=layers)
+            old_mask = torch.nn.functional.pad(self.mask, (width - self.width, 0))
+            self.mask = torch.cat([old_mask, new_mask], dim=0)
+        self.sequences.append(sequence)
+
+    def remove(self, finished: list[Sequence]) -> None:
+        keep = [index for index, sequence in enumerate(self.sequences) if sequence not in finished]
+        self.sequences = [self.sequences[index] for index in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        assert self.cache is not None and self.mask is not None
+        rows = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, rows)
+        # Columns that are padding in every remaining row are dropped: attention stays as short as it can be.
+        first_used = int(torch.nonzero(mask.any(dim=0))[0].item())
+        self.mask = mask[:, first_used:]
+        self.cache = DynamicCache(
+            ddp_cache_data=[
+                (
+                    layer.keys.index_select(0, rows)[:, :, first_used:],
+                    layer.values.index_select(0, rows)[:, :, first_used:],
+                )
+                for layer in self.cache.layers
+            ]
+        )
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, heads, length, dim) padded with zeros on the left of `length` to `width`."""
+    missing = width - tensor.shape[2]
+    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, missing, 0))
+
+
+class BatchingEngine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        base_model: str,
+        max_batch_size: int,
+        max_queued: int,
+        max_batch_tokens: int,
+    ) -> None:
+        self._loaded = loaded
+        self._base_model = base_model
+        self._max_batch_size = max_batch_size
+        self._max_queued = max_queued
+        self._max_batch_tokens = max_batch_tokens
+        self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
+        self._model_lock = threading.Lock()  # held while the model steps or its adapters change
+        self._waiting: list[Job] = []
+        self._wakeup: queue.Queue[None] = queue.Queue()
+        self._batch = Batch()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
+        self._worker.start()
+
+    # -- what the HTTP layer reads ------------------------------------------------------------------
+    @property
+    def base_model(self) -> str:
+        return self._base_model
+
+    @property
+    def max_model_len(self) -> int:
+        return self._loaded.max_model_len
+
+    @property
+    def running(self) -> int:
+        return len(self._batch)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        with self._lock:
+            running = {sequence.adapter for sequence in self._batch.sequences} - {None}
+            waiting = {job.prompt.model for job in self._waiting} & set(self._loaded.adapters)
+        return sorted(running), sorted(waiting)  # type: ignore[type-var]
+
+    def models(self) -> list[ModelCard]:
+        cards = [ModelCard(self._base_model, None, "base")]
+        cards += [
+            ModelCard(name, self._base_model, path) for name, path in sorted(self._loaded.adapters.items())
+        ]
+        return cards
+
+    def _adapter_for(self, model: str) -> str | None:
+        if model == self._base_model:
+            return None
+        if model in self._loaded.adapters:
+            return model
+        raise UnknownModel(f"The model `{model}` does not exist.")
+
+    # -- tokenization -------------------------------------------------------------------------------
+    def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
+        self._adapter_for(model)
+        ids = self._loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return Prompt(model, tuple(int(i) for i in ids), json.dumps(messages, ensure_ascii=False))
+
+    def encode_text(self, model: str, text: str) -> Prompt:
+        self._adapter_for(model)
+        return Prompt(model, tuple(self._loaded.tokenizer.encode(text)), text)
+
+    def check_budget(self, prompt: Prompt, max_tokens: int) -> None:
+        prompt_len, limit = len(prompt.token_ids), self.max_model_len
+        if prompt_len + max_tokens > limit:
+            raise ContextTooLong(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+                f"{max_tokens} in the completion). Please reduce the length of the messages or completion."
+            )
+
+    # -- admission and streaming --------------------------------------------------------------------
+    def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Admits the request now (QueueFull here, before any response is started), then streams."""
+        self._adapter_for(prompt.model)
+        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            free_slots = self._max_batch_size - len(self._batch)
+            if len(self._waiting) >= free_slots + self._max_queued:
+                raise QueueFull(len(self._waiting))
+            self._waiting.append(job)
+        self._wakeup.put(None)
+        return self._stream(job)
+
+    async def _stream(self, job: Job) -> AsyncIterator[Delta]:
+        try:
+            while True:
+                item = await job.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancelled.set()  # the consumer left (disconnect, timeout) or finished: free the slot
+            with self._lock:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+            self._wakeup.put(None)
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stopping:
+            if not self._batch and not self._waiting:
+                self._wakeup.get()
+                continue
+            try:
+                with self._model_lock, torch.inference_mode():
+                    self._admit()
+                    self._drop_cancelled()
+                    if self._batch:
+                        self._step()
+            except Exception as error:  # a failure fails the requests in the batch, not the worker
+                logger.exception("decoding step failed")
+                self._fail_all(error)
+
+    def _admit(self) -> None:
+        """Prefills waiting requests into the batch while slots and the token budget allow."""
+        while len(self._batch) < self._max_batch_size:
+            with self._lock:
+                job = self._waiting[0] if self._waiting else None
+                if job is None:
+                    return
+                in_use = sum(
+                    sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
+                )
+                wanted = len(job.prompt.token_ids) + job.params.max_tokens
+                if self._batch and in_use + wanted > self._max_batch_tokens:
+                    return  # waits for a finishing request to free cache room
+                self._waiting.pop(0)
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._prefill(job)
+            except Exception as error:
+                logger.exception("prefill failed")
+                job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
+
+    def _prefill(self, job: Job) -> None:
+        loaded = self._loaded
+        adapter = self._adapter_for(job.prompt.model)
+        cache = DynamicCache()
+        input_ids = torch.tensor([job.prompt.token_ids], device=loaded.device)
+        output = loaded.model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True, **loaded.adapter_names(adapter)
+        )
+        sequence = Sequence(
+            job=job,
+            adapter=adapter,
+            generator=make_generator(job.params, loaded.device),
+            detokenizer=IncrementalDetokenizer(loaded.tokenizer),
+            stops=StopMatcher(job.params.stop),
+            length=len(job.prompt.token_ids),
+            next_token=0,
+        )
+        sequence.next_token = sample(output.logits[0, -1], job.params, sequence.generator)
+        with self._lock:
+            self._batch.add(sequence, output.past_key_values)
+        if self._emit(sequence):
+            self._retire([sequence])
+
+    def _step(self) -> None:
+        """One decoding step for every sequence in the batch."""
+        loaded, batch = self._loaded, self._batch
+        assert batch.mask is not None
+        device = batch.mask.device
+        input_ids = torch.tensor([[sequence.next_token] for sequence in batch.sequences], device=device)
+        positions = torch.tensor([[sequence.length] for sequence in batch.sequences], device=device)
+        batch.mask = torch.cat(
+            [batch.mask, torch.ones((len(batch), 1), dtype=batch.mask.dtype, device=device)], 1
+        )
+        selection: dict[str, Any] = {}
+        if loaded.has_peft:
+            selection["adapter_names"] = [sequence.adapter or BASE_ADAPTER for sequence in batch.sequences]
+        output = loaded.model(
+            input_ids=input_ids,
+            attention_mask=batch.mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+            **selection,
+        )
+        batch.cache = output.past_key_values
+        logits = output.logits[:, -1]
+        finished = []
+        for row, sequence in enumerate(batch.sequences):
+            sequence.length += 1
+            sequence.next_token = sample(logits[row], sequence.job.params, sequence.generator)
+            if self._emit(sequence):
+                finished.append(sequence)
+        if finished:
+            self._retire(finished)
+
+    def _emit(self, sequence: Sequence) -> bool:
+        """Hands the sampled token to the client; True when the sequence is done."""
+        job, token = sequence.job, sequence.next_token
+        sequence.produced += 1
+        sequence.unsent.append(token)
+        stops, detokenizer = sequence.stops, sequence.detokenizer
+        if token == self._loaded.tokenizer.eos_token_id and not job.params.ignore_eos:
+            job.emit(sequence.delta(stops.feed(detokenizer.flush()) + stops.flush(), "stop"))
+            return True
+        text = stops.feed(detokenizer.push(token))
+        if stops.stopped:
+            job.emit(sequence.delta(text, "stop"))
+            return True
+        if sequence.produced >= job.params.max_tokens:
+            job.emit(sequence.delta(text + stops.feed(detokenizer.flush()) + stops.flush(), "length"))
+            return True
+        if text:
+            job.emit(sequence.delta(text))
+        return False
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [sequence for sequence in self._batch.sequences if sequence.job.cancelled.is_set()]
+        if cancelled:
+            self._retire(cancelled)
+
+    def _retire(self, sequences: list[Sequence]) -> None:
+        with self._lock:
+            self._batch.remove(sequences)
+
+    def _fail_all(self, error: Exception) -> None:
+        failed = list(self._batch.sequences)
+        for sequence in failed:
+            sequence.job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
+        self._retire(failed)
+
+    # -- adapters at run time -----------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.to_thread(self._change_adapters, attach_adapter, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.to_thread(self._change_adapters, detach_adapter, name)
+
+    def _change_adapters(self, change: Any, name: str, *args: str) -> None:
+        with self._model_lock:  # between two steps
+            running, waiting = self.adapters_in_use()
+            if change is detach_adapter and name in set(running) | set(waiting):
+                raise AdapterError(f"adapter {name!r} is serving requests; retry when they are done")
+            change(self._loaded, name, *args)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.put(None)
+        self._worker.join(timeout=10)

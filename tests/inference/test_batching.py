@@ -1,0 +1,164 @@
+"""The batching engine against `model.generate` run alone: greedy, float32, CPU, token for token."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_server.engine.batching import BatchingEngine
+from llm_server.engine.interface import Delta, Prompt, QueueFull, SamplingParams
+from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model
+
+PROMPTS = [
+    "The quick brown fox",
+    "Serving language models on Kubernetes: replicas, GPUs, adapters and autoscaling. Tell me more about it",
+    "Hi",
+    "def fibonacci(n):",
+    "Bonjour, ça va ? Très bien, merci.",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(demo: tuple[Path, Path]) -> LoadedModel:
+    model, adapter = demo
+    return load_model(model, {"support": adapter, "other": adapter}, "float32", "cpu", None)
+
+
+@pytest.fixture()
+def engine(loaded: LoadedModel):  # type: ignore[no-untyped-def]
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=8, max_queued=16, max_batch_tokens=4096)
+    yield engine
+    engine.shutdown()
+
+
+def reference(loaded: LoadedModel, prompt: Prompt, max_tokens: int) -> list[int]:
+    """What the model makes for this prompt alone: transformers' own generate, greedy."""
+    ids = torch.tensor([prompt.token_ids])
+    adapter = prompt.model if prompt.model in loaded.adapters else BASE_ADAPTER
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+            adapter_names=[adapter],
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+async def collect(
+    engine: BatchingEngine, prompt: Prompt, params: SamplingParams, started: asyncio.Event | None = None
+) -> list[Delta]:
+    deltas = []
+    async for delta in engine.generate(prompt, params):
+        deltas.append(delta)
+        if started is not None and delta.completion_tokens >= 5:
+            started.set()
+    return deltas
+
+
+def tokens(deltas: list[Delta]) -> list[int]:
+    return [token for delta in deltas for token in delta.token_ids]
+
+
+def test_each_request_matches_generate_alone_with_mixed_adapters_and_late_joiners(
+    engine: BatchingEngine, loaded: LoadedModel
+) -> None:
+    models = ["tiny", "support", "other", "tiny", "support"]
+    prompts = [engine.encode_text(model, text) for model, text in zip(models, PROMPTS, strict=True)]
+    lengths = [40, 25, 33, 12, 30]
+
+    async def scenario() -> list[list[Delta]]:
+        first_running = asyncio.Event()
+        first = asyncio.create_task(
+            collect(engine, prompts[0], SamplingParams(40, temperature=0), first_running)
+        )
+        await first_running.wait()  # the others join a batch that is already decoding
+        assert engine.running == 1
+        rest = [
+            asyncio.create_task(collect(engine, prompt, SamplingParams(n, temperature=0)))
+            for prompt, n in zip(prompts[1:], lengths[1:], strict=True)
+        ]
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(scenario())
+    for prompt, n, deltas in zip(prompts, lengths, results, strict=True):
+        expected = reference(loaded, prompt, n)
+        assert tokens(deltas) == expected, prompt.model
+        assert deltas[-1].completion_tokens == len(expected)
+        finish = "stop" if expected[-1] == loaded.tokenizer.eos_token_id else "length"
+        assert deltas[-1].finish_reason == finish
+        text = "".join(delta.text for delta in deltas)
+        assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert engine.running == 0
+
+
+def test_stop_strings_cut_the_text_where_generate_would(engine: BatchingEngine, loaded: LoadedModel) -> None:
+    prompt = engine.encode_text("support", PROMPTS[1])
+    expected = loaded.tokenizer.decode(reference(loaded, prompt, 30), skip_special_tokens=True)
+    stop = expected[10:13]
+    other = engine.encode_text("tiny", PROMPTS[0])
+
+    async def scenario() -> tuple[list[Delta], list[Delta]]:
+        return await asyncio.gather(
+            collect(engine, prompt, SamplingParams(30, temperature=0, stop=(stop,))),
+            collect(engine, other, SamplingParams(30, temperature=0, ignore_eos=True)),
+        )
+
+    stopped, running_on = asyncio.run(scenario())
+    assert stopped[-1].finish_reason == "stop"
+    assert "".join(delta.text for delta in stopped) == expected[: expected.index(stop)]
+    assert running_on[-1].completion_tokens == 30, "the other request went on after its neighbour stopped"
+
+
+def test_cancellation_frees_the_slot(loaded: LoadedModel) -> None:
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=2, max_queued=0, max_batch_tokens=4096)
+    prompt = engine.encode_text("tiny", PROMPTS[0])
+    long = SamplingParams(400, temperature=0, ignore_eos=True)
+
+    async def scenario() -> None:
+        streams = [engine.generate(prompt, long), engine.generate(prompt, long)]
+        for stream in streams:
+            await anext(stream)
+        assert engine.running == 2
+        with pytest.raises(QueueFull):
+            engine.generate(prompt, long)
+        await streams[0].aclose()  # the client went away
+        for _ in range(200):
+            if engine.running == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.running == 1
+        third = await collect(engine, prompt, SamplingParams(5, temperature=0))  # the slot is free again
+        assert third[-1].completion_tokens == 5
+        await streams[1].aclose()
+
+    try:
+        asyncio.run(scenario())
+        for _ in range(200):
+            if engine.running == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_seeded_sampling_does_not_depend_on_the_neighbours(engine: BatchingEngine) -> None:
+    prompt = engine.encode_text("tiny", PROMPTS[3])
+    params = SamplingParams(20, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+
+    async def alone() -> list[Delta]:
+        return await collect(engine, prompt, params)
+
+    async def crowded() -> list[Delta]:
+        others = [
+            collect(engine, engine.encode_text("support", text), SamplingParams(20, temperature=1.0))
+            for text in PROMPTS
+        ]
+        results = await asyncio.gather(collect(engine, prompt, params), *others)
+        return results[0]
+
+    assert tokens(asyncio.run(alone())) == tokens(asyncio.run(crowded()))
