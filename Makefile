@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VERSION ?= 0.1.0
 
-.PHONY: install test lint format demo bench-operator chart-crds images e2e clean
+.PHONY: install test lint format demo bench bench-operator chart-crds images e2e clean
 
 install: $(INSTALLED)
 
@@ -31,6 +31,10 @@ format: install
 # The main job on its embedded default: the demo model, rendered by the operator, served and chatted with.
 demo: install
 	$(PY) -m tools.demo
+
+# Serving throughput and latency over HTTP: continuous batching vs the seed's approach (minutes).
+bench: install
+	$(PY) -m benchmarks.serving_bench
 
 bench-operator: install
 	$(PY) -m benchmarks.operator_bench

@@ -33,7 +33,7 @@ from llm_server.engine.interface import (
     UnknownModel,
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
-from llm_server.engine.sampling import make_generator, sample
+from llm_server.engine.sampling import GREEDY_BELOW, make_generator, sample
 from llm_server.engine.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,16 @@ class Job:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[Delta | BaseException]
+    outbox: list[tuple[Job, Delta | BaseException]]  # the engine's: delivered once per step
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def emit(self, item: Delta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        self.outbox.append((self, item))
+
+
+def _deliver(items: list[tuple[Job, Delta | BaseException]]) -> None:
+    for job, item in items:
+        job.out.put_nowait(item)
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,15 +91,11 @@ class Batch:
     def width(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def add(self, sequence: Sequence, cache: DynamicCache) -> None:
-        """Appends a prefilled sequence: pads whichever side is shorter on the left, then stacks rows."""
-        new_len = cache.get_seq_length()
-        width = max(self.width, new_len)
-        device = cache.layers[0].keys.device
-        new_mask = torch.zeros((1, width), dtype=torch.long, device=device)
-        new_mask[0, width - new_len :] = 1
+    def add(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Appends prefilled rows (left-padded, `mask` marks their real tokens): pads the shorter side."""
+        width = max(self.width, mask.shape[1])
         if self.cache is None or self.mask is None:
-            self.cache, self.mask = cache, new_mask
+            self.cache, self.mask = cache, mask
         else:
             layers = []
             for old, new in zip(self.cache.layers, cache.layers, strict=True):
@@ -104,9 +106,14 @@ class Batch:
                     )
                 )
             self.cache = DynamicCache(ddp_cache_data=layers)
-            old_mask = torch.nn.functional.pad(self.mask, (width - self.width, 0))
-            self.mask = torch.cat([old_mask, new_mask], dim=0)
-        self.sequences.append(sequence)
+            self.mask = torch.cat(
+                [
+                    torch.nn.functional.pad(self.mask, (width - self.width, 0)),
+                    torch.nn.functional.pad(mask, (width - mask.shape[1], 0)),
+                ],
+                dim=0,
+            )
+        self.sequences.extend(sequences)
 
     def remove(self, finished: list[Sequence]) -> None:
         keep = [index for index, sequence in enumerate(self.sequences) if sequence not in finished]
@@ -156,6 +163,7 @@ class BatchingEngine:
         self._waiting: list[Job] = []
         self._wakeup: queue.Queue[None] = queue.Queue()
         self._batch = Batch()
+        self._outbox: list[tuple[Job, Delta | BaseException]] = []
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
         self._worker.start()
@@ -222,7 +230,7 @@ class BatchingEngine:
     def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Admits the request now (QueueFull here, before any response is started), then streams."""
         self._adapter_for(prompt.model)
-        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), self._outbox)
         with self._lock:
             free_slots = self._max_batch_size - len(self._batch)
             if len(self._waiting) >= free_slots + self._max_queued:
@@ -262,51 +270,101 @@ class BatchingEngine:
             except Exception as error:  # a failure fails the requests in the batch, not the worker
                 logger.exception("decoding step failed")
                 self._fail_all(error)
+            finally:
+                self._flush()
+
+    def _flush(self) -> None:
+        """One wake-up of each event loop per step, not one per token (the loop serves every stream)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Delta | BaseException]]] = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is left to read these requests
+                for job, _ in items:
+                    job.cancelled.set()
 
     def _admit(self) -> None:
-        """Prefills waiting requests into the batch while slots and the token budget allow."""
-        while len(self._batch) < self._max_batch_size:
-            with self._lock:
-                job = self._waiting[0] if self._waiting else None
-                if job is None:
-                    return
-                in_use = sum(
-                    sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
-                )
+        """Moves waiting requests into the batch while slots and the token budget allow; one prefill."""
+        admitted: list[Job] = []
+        with self._lock:
+            in_use = sum(
+                sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
+            )
+            while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
+                job = self._waiting[0]
                 wanted = len(job.prompt.token_ids) + job.params.max_tokens
-                if self._batch and in_use + wanted > self._max_batch_tokens:
-                    return  # waits for a finishing request to free cache room
+                if (self._batch or admitted) and in_use + wanted > self._max_batch_tokens:
+                    break  # waits for a finishing request to free cache room
                 self._waiting.pop(0)
-            if job.cancelled.is_set():
-                continue
+                if not job.cancelled.is_set():
+                    admitted.append(job)
+                    in_use += wanted
+        if admitted:
             try:
-                self._prefill(job)
+                self._prefill(admitted)
             except Exception as error:
                 logger.exception("prefill failed")
-                job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
+                for job in admitted:
+                    job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
 
-    def _prefill(self, job: Job) -> None:
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward over the new prompts, left-padded together, each with its own adapter."""
         loaded = self._loaded
-        adapter = self._adapter_for(job.prompt.model)
-        cache = DynamicCache()
-        input_ids = torch.tensor([job.prompt.token_ids], device=loaded.device)
+        device = loaded.device
+        width = max(len(job.prompt.token_ids) for job in jobs)
+        pad = loaded.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(jobs), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long, device=device)
+        for row, job in enumerate(jobs):
+            length = len(job.prompt.token_ids)
+            input_ids[row, width - length :] = torch.tensor(job.prompt.token_ids, device=device)
+            mask[row, width - length :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        adapters = [self._adapter_for(job.prompt.model) for job in jobs]
+        selection: dict[str, Any] = {}
+        if loaded.has_peft:
+            selection["adapter_names"] = [adapter or BASE_ADAPTER for adapter in adapters]
         output = loaded.model(
-            input_ids=input_ids, past_key_values=cache, use_cache=True, **loaded.adapter_names(adapter)
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            **selection,
         )
-        sequence = Sequence(
-            job=job,
-            adapter=adapter,
-            generator=make_generator(job.params, loaded.device),
-            detokenizer=IncrementalDetokenizer(loaded.tokenizer),
-            stops=StopMatcher(job.params.stop),
-            length=len(job.prompt.token_ids),
-            next_token=0,
-        )
-        sequence.next_token = sample(output.logits[0, -1], job.params, sequence.generator)
+        sequences = [
+            Sequence(
+                job=job,
+                adapter=adapter,
+                generator=make_generator(job.params, device),
+                detokenizer=IncrementalDetokenizer(loaded.tokenizer),
+                stops=StopMatcher(job.params.stop),
+                length=len(job.prompt.token_ids),
+                next_token=0,
+            )
+            for job, adapter in zip(jobs, adapters, strict=True)
+        ]
+        for sequence, token in zip(sequences, self._sample(output.logits[:, -1], sequences), strict=True):
+            sequence.next_token = token
         with self._lock:
-            self._batch.add(sequence, output.past_key_values)
-        if self._emit(sequence):
-            self._retire([sequence])
+            self._batch.add(sequences, output.past_key_values, mask)
+        finished = [sequence for sequence in sequences if self._emit(sequence)]
+        if finished:
+            self._retire(finished)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+        """Greedy rows in one argmax; sampled rows one by one, each with its own generator."""
+        greedy = logits.argmax(dim=-1).tolist()
+        return [
+            token
+            if sequence.job.params.temperature < GREEDY_BELOW
+            else sample(logits[row], sequence.job.params, sequence.generator)
+            for row, (token, sequence) in enumerate(zip(greedy, sequences, strict=True))
+        ]
 
     def _step(self) -> None:
         """One decoding step for every sequence in the batch."""
@@ -330,11 +388,12 @@ class BatchingEngine:
             **selection,
         )
         batch.cache = output.past_key_values
-        logits = output.logits[:, -1]
         finished = []
-        for row, sequence in enumerate(batch.sequences):
+        for sequence, token in zip(
+            batch.sequences, self._sample(output.logits[:, -1], batch.sequences), strict=True
+        ):
             sequence.length += 1
-            sequence.next_token = sample(logits[row], sequence.job.params, sequence.generator)
+            sequence.next_token = token
             if self._emit(sequence):
                 finished.append(sequence)
         if finished:

@@ -1,0 +1,384 @@
+"""`make bench`: the server over HTTP under concurrent streaming clients, against the seed's approach.
+
+What `vllm bench serve` measures (request throughput, output tokens/s, TTFT, TPOT, ITL, end-to-end
+latency at p50/p90/p99), for the continuous-batching engine and for the seed's one-`model.generate`-per-
+request engine, on the same bench-size model and prompts; plus, offline, one padded `model.generate` over
+the 32 prompts (the static-batch bound) and transformers' own continuous batching. Everything is measured
+in this one run and reported as ratios. Writes bench/results.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from llm_server.demo_model import CORPUS, ModelShape, build_demo_model
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench"
+BENCH_SHAPE = ModelShape(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=2048,
+    max_position_embeddings=1024,
+)
+PROMPT_TOKENS, OUTPUT_TOKENS = 64, 64
+
+
+@dataclass
+class Result:
+    engine: str
+    scenario: str
+    concurrency: int
+    requests: int
+    duration_s: float
+    request_throughput: float
+    output_tokens_per_s: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000, 2)
+
+    return {
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "mean": round(statistics.fmean(ordered) * 1000, 2),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_prompts(tokenizer: Any, count: int, lengths: list[int], seed: int) -> list[str]:
+    """Prompts of the given token lengths, from the demo corpus's words."""
+    rng = random.Random(seed)
+    words = " ".join(CORPUS).split()
+    prompts = []
+    for index in range(count):
+        target = lengths[index % len(lengths)]
+        text = ""
+        while len(tokenizer.encode(text)) < target:
+            text += rng.choice(words) + " "
+        ids = tokenizer.encode(text)[:target]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk.get("choices"):
+                arrivals.append(time.perf_counter())
+    done = time.perf_counter()
+    ttft = arrivals[0] - started
+    return {
+        "ttft": ttft,
+        "e2e": done - started,
+        "tokens": tokens,
+        "itl": [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)],
+        "tpot": (done - started - ttft) / max(tokens - 1, 1),
+    }
+
+
+async def drive(
+    url: str, jobs: list[tuple[str, int, str]], concurrency: int
+) -> tuple[list[dict[str, Any]], float]:
+    """A closed loop: `concurrency` clients, each sending its next request when the last one finished."""
+    pending = list(jobs)
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            while pending:
+                prompt, max_tokens, model = pending.pop()
+                results.append(await one_request(client, prompt, max_tokens, model))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - started
+
+
+def summarize(
+    engine: str, scenario: str, concurrency: int, results: list[dict[str, Any]], duration: float
+) -> Result:
+    tokens = sum(result["tokens"] for result in results)
+    return Result(
+        engine,
+        scenario,
+        concurrency,
+        len(results),
+        round(duration, 2),
+        round(len(results) / duration, 3),
+        round(tokens / duration, 1),
+        percentiles([r["ttft"] for r in results]),
+        percentiles([r["tpot"] for r in results]),
+        percentiles([gap for r in results for gap in r["itl"]]),
+        percentiles([r["e2e"] for r in results]),
+    )
+
+
+class Server:
+    def __init__(self, engine: str, model: Path, adapter: Path) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "LLM_MODEL": str(model),
+            "LLM_ADAPTERS": json.dumps({"support": str(adapter)}),
+            "LLM_SERVED_MODEL_NAME": "bench",
+            "LLM_HOST": "127.0.0.1",
+            "LLM_PORT": str(self.port),
+            "LLM_DEVICE": "auto",
+            "LLM_DTYPE": "auto",
+            "LLM_MAX_BATCH_SIZE": "64",
+            "LLM_MAX_QUEUED_REQUESTS": "1024",
+            "LLM_MAX_MODEL_LEN": "1024",
+        }
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.serve", engine], env=env, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the {engine} server did not start")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def offline_bounds(model_dir: Path, prompts: list[str], device: torch.device) -> dict[str, Any]:
+    """One padded generate over the prompts (the static-batch bound) and transformers' continuous batching."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    with torch.inference_mode():
+        model.generate(
+            **batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )  # warm-up
+        started = time.perf_counter()
+        out = model.generate(
+            **batch,
+            max_new_tokens=OUTPUT_TOKENS,
+            min_new_tokens=OUTPUT_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        static_s = time.perf_counter() - started
+    generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    bounds: dict[str, Any] = {
+        "static_batch_tokens_per_s": round(generated / static_s, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    try:
+        cb_model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="paged|eager"
+        )
+        cb_model = cb_model.to(device).eval()
+        config = GenerationConfig(
+            max_new_tokens=OUTPUT_TOKENS,
+            min_new_tokens=OUTPUT_TOKENS,
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        inputs = [tokenizer.encode(prompt) for prompt in prompts]
+        started = time.perf_counter()
+        outputs = cb_model.generate_batch(inputs=inputs, generation_config=config, progress_bar=False)
+        cb_s = time.perf_counter() - started
+        cb_tokens = sum(len(output.generated_tokens) for output in outputs.values())
+        bounds["transformers_cb_tokens_per_s"] = round(cb_tokens / cb_s, 1)
+        bounds["transformers_cb_note"] = "includes its start-up (cache allocation, first-step compilation)"
+    except Exception as error:  # an older or newer transformers without generate_batch on this device
+        bounds["transformers_cb_error"] = f"{type(error).__name__}: {error}"[:300]
+    return bounds
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| engine | scenario | conc | req/s | out tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | "
+        "ITL p50/p90/p99 ms | E2E p50/p90/p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fmt = lambda m: f"{m['p50']:.0f}/{m['p90']:.0f}/{m['p99']:.0f}"  # noqa: E731
+        lines.append(
+            f"| {r.engine} | {r.scenario} | {r.concurrency} | {r.request_throughput:.2f} | "
+            f"{r.output_tokens_per_s:.0f} | {fmt(r.ttft_ms)} | {fmt(r.tpot_ms)} | {fmt(r.itl_ms)} | "
+            f"{fmt(r.e2e_ms)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument(
+        "--skip-seed-above", type=int, default=32, help="the seed engine is slow: skip it beyond"
+    )
+    args = parser.parse_args()
+
+    WORK.mkdir(exist_ok=True)
+    model_dir, adapter_dir = WORK / "model" / "model", WORK / "model" / "adapter"
+    if not (model_dir / "config.json").exists():
+        build_demo_model(WORK / "model", BENCH_SHAPE)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fixed = make_prompts(tokenizer, 256, [PROMPT_TOKENS], seed=1)
+    mixed_lengths = [16, 32, 64, 128, 256]
+    mixed = make_prompts(tokenizer, 256, mixed_lengths, seed=2)
+
+    results: list[Result] = []
+    for engine in ("batching", "seed"):
+        server = Server(engine, model_dir, adapter_dir)
+        try:
+            asyncio.run(drive(server.url, [(fixed[0], 8, "bench")] * 2, 1))  # warm-up
+            for concurrency in args.concurrency:
+                if engine == "seed" and concurrency > args.skip_seed_above:
+                    continue
+                count = max(concurrency * args.requests_per_client, 8)
+                jobs = [(fixed[i], OUTPUT_TOKENS, "bench") for i in range(count)]
+                runs, duration = asyncio.run(drive(server.url, jobs, concurrency))
+                results.append(summarize(engine, "fixed", concurrency, runs, duration))
+                print(table(results[-1:]).splitlines()[-1], flush=True)
+            if engine == "batching":
+                rng = random.Random(3)
+                jobs = [
+                    (mixed[i], rng.choice([16, 32, 64, 128]), rng.choice(["bench", "support"]))
+                    for i in range(64)
+                ]
+                runs, duration = asyncio.run(drive(server.url, jobs, 32))
+                results.append(summarize(engine, "mixed+adapters", 32, runs, duration))
+                print(table(results[-1:]).splitlines()[-1], flush=True)
+        finally:
+            server.stop()
+
+    bounds = offline_bounds(model_dir, fixed[:32], device)
+    by_key = {(r.engine, r.scenario, r.concurrency): r for r in results}
+    ours32 = by_key[("batching", "fixed", 32)].output_tokens_per_s
+    seed32 = by_key.get(("seed", "fixed", 32))
+    ratios = {
+        "vs_seed_at_32": round(ours32 / seed32.output_tokens_per_s, 2) if seed32 else None,
+        "vs_static_batch_bound_at_32": round(ours32 / bounds["static_batch_tokens_per_s"], 2),
+        "vs_transformers_cb_at_32": round(ours32 / bounds["transformers_cb_tokens_per_s"], 2)
+        if "transformers_cb_tokens_per_s" in bounds
+        else None,
+        "ttft_p50_8_over_1": round(
+            by_key[("batching", "fixed", 8)].ttft_ms["p50"] / by_key[("batching", "fixed", 1)].ttft_ms["p50"],
+            2,
+        ),
+    }
+    import transformers
+
+    machine = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model": asdict(BENCH_SHAPE),
+        "parameters": bounds["parameters"],
+        "prompt_tokens": PROMPT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+        "command": "make bench (python -m benchmarks.serving_bench " + " ".join(sys.argv[1:]) + ")",
+    }
+    report = {
+        "machine": machine,
+        "results": [asdict(r) for r in results],
+        "offline": bounds,
+        "ratios": ratios,
+    }
+    (WORK / "results.json").write_text(json.dumps(report, indent=2))
+    print("\n" + table(results))
+    print("\noffline:", json.dumps(bounds))
+    print("ratios:", json.dumps(ratios))
+    write_markdown(report)
+    return 0
+
+
+def write_markdown(report: dict[str, Any]) -> None:
+    results = [Result(**r) for r in report["results"]]
+    machine = report["machine"]
+    text = f"""# Serving benchmark
+
+Generated by `make bench` ({machine["command"]}); numbers from one run on one machine, compared side by side.
+
+Machine: {machine["platform"]}, {machine["cpus"]} CPUs, device {machine["device"]}; Python {machine["python"]},
+torch {machine["torch"]}, transformers {machine["transformers"]}. Model: Llama-shaped, random weights,
+{machine["model"]}. Fixed scenario: {machine["prompt_tokens"]}-token prompts, {machine["output_tokens"]} output
+tokens with EOS ignored, streamed over HTTP (`/v1/completions`), closed-loop clients.
+
+{table(results)}
+
+Offline on the same 32 prompts: {json.dumps(report["offline"])}
+
+Ratios: {json.dumps(report["ratios"])}
+"""
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "benchmarks.md").write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
