@@ -15,6 +15,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -272,6 +273,9 @@ class BatchingEngine:
                 self._fail_all(error)
             finally:
                 self._flush()
+            # Model code holds the GIL for much of a small step: let the event loop take new requests
+            # and send the deltas just flushed before the next step starts.
+            time.sleep(0)
 
     def _flush(self) -> None:
         """One wake-up of each event loop per step, not one per token (the loop serves every stream)."""
