@@ -14,8 +14,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from llm_server.config import ServerSettings
 from llm_server.engine.batching import BatchingEngine
-from llm_server.engine.interface import Delta, Prompt, SamplingParams
-from llm_server.engine.loading import load_model
+from llm_server.engine.interface import Delta, Engine, Prompt, SamplingParams
+from llm_server.main import build_engine
 
 
 class _TokenStreamer(BaseStreamer):
@@ -89,14 +89,5 @@ class SeedEngine(BatchingEngine):
             loop.call_soon_threadsafe(out.put_nowait, Delta("", produced[0], "stop"))
 
 
-def build_seed_engine(settings: ServerSettings) -> SeedEngine:
-    loaded = load_model(
-        settings.model, dict(settings.adapters), settings.dtype, settings.device, settings.max_model_len
-    )
-    return SeedEngine(
-        loaded,
-        settings.model_name,
-        settings.max_batch_size,
-        settings.max_queued_requests,
-        settings.max_batch_tokens,
-    )
+def build_seed_engine(settings: ServerSettings) -> Engine:
+    return build_engine(settings, engine_class=SeedEngine)

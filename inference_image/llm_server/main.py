@@ -32,14 +32,15 @@ class ServerState:
     failure: str | None = None
 
 
-def build_engine(settings: ServerSettings) -> Engine:
+def build_engine(settings: ServerSettings, engine_class: type | None = None) -> Engine:
+    """Loads the model and its adapters and starts the engine (the continuous-batching one by default)."""
     from llm_server.engine.batching import BatchingEngine
     from llm_server.engine.loading import load_model
 
     loaded = load_model(
         settings.model, dict(settings.adapters), settings.dtype, settings.device, settings.max_model_len
     )
-    return BatchingEngine(
+    return (engine_class or BatchingEngine)(
         loaded,
         settings.model_name,
         settings.max_batch_size,
