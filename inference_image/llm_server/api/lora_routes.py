@@ -6,10 +6,15 @@ from fastapi.responses import PlainTextResponse
 from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import GenerationDep
 from llm_server.api.errors import APIError, from_engine_error
-from llm_server.api.schemas import LoadLoraRequest, UnloadLoraRequest
+from llm_server.api.schemas import LoadLoraRequest, UnloadLoraRequest, error_responses
 from llm_server.engine.interface import EngineError
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["lora"])
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_api_key)],
+    tags=["lora"],
+    responses=error_responses(400, 401, 404, 503),
+)
 
 
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)

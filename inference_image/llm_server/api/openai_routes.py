@@ -15,10 +15,21 @@ from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import GenerationDep
 from llm_server.api.errors import APIError, error_body, from_engine_error
 from llm_server.api.generation import Generation
-from llm_server.api.schemas import ChatCompletionRequest, CompletionRequest, Usage
+from llm_server.api.schemas import (
+    STREAMABLE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    error_responses,
+)
 from llm_server.engine.interface import EngineError, Prompt, SamplingParams
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_api_key)],
+    tags=["openai"],
+    responses=error_responses(400, 401, 404, 413, 429, 500, 503, 504),
+)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -60,7 +71,7 @@ async def list_models(generation: GenerationDep) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=STREAMABLE)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, generation: GenerationDep
 ) -> dict[str, Any] | EventSourceResponse:
@@ -148,7 +159,7 @@ def _chat_chunks(
     return _sse(chunks())
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=STREAMABLE)
 async def completions(
     body: CompletionRequest, request: Request, generation: GenerationDep
 ) -> dict[str, Any] | EventSourceResponse:

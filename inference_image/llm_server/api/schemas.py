@@ -67,8 +67,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     model: str
     prompt: (
-        Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     )
     max_tokens: Annotated[int | None, Field(ge=1)] = 16
     n: int = 1
@@ -139,3 +139,22 @@ class LoadLoraRequest(BaseModel):
 
 class UnloadLoraRequest(BaseModel):
     lora_name: Annotated[str, Field(min_length=1)]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI entries for the error statuses a route can answer (all in the one error shape)."""
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+STREAMABLE = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}

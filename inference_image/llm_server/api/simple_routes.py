@@ -17,6 +17,7 @@ from llm_server.api.dependencies import GenerationDep
 from llm_server.api.errors import APIError, error_body, from_engine_error
 from llm_server.api.generation import Generation
 from llm_server.api.schemas import (
+    STREAMABLE,
     BatchRequest,
     BatchResponse,
     GenerateRequest,
@@ -24,11 +25,16 @@ from llm_server.api.schemas import (
     SimpleChatRequest,
     SimpleChatResponse,
     Usage,
+    error_responses,
 )
 from llm_server.engine.interface import EngineError, Prompt, SamplingParams
 
-router = APIRouter(tags=["simple"])
-protected = APIRouter(dependencies=[Depends(require_api_key)], tags=["simple"])
+router = APIRouter(tags=["simple"], responses=error_responses(503))
+protected = APIRouter(
+    dependencies=[Depends(require_api_key)],
+    tags=["simple"],
+    responses=error_responses(400, 401, 404, 413, 429, 500, 503, 504),
+)
 VERSION = "0.1.0"
 
 
@@ -104,7 +110,7 @@ def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams)
     return EventSourceResponse(events(), ping=15)
 
 
-@protected.post("/chat", response_model=SimpleChatResponse)
+@protected.post("/chat", response_model=SimpleChatResponse, responses=STREAMABLE)
 async def chat(body: SimpleChatRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
@@ -120,7 +126,7 @@ async def chat(body: SimpleChatRequest, request: Request, generation: Generation
     )
 
 
-@protected.post("/generate", response_model=GenerateResponse)
+@protected.post("/generate", response_model=GenerateResponse, responses=STREAMABLE)
 async def generate(body: GenerateRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
     prompt = _encode(generation.engine.encode_text, model, body.prompt)
