@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 from llm_server.config import ServerSettings
 from llm_server.engine.batching import BatchingEngine
 from llm_server.engine.interface import Delta, Engine, Prompt, SamplingParams
+from llm_server.engine.loading import BASE_ADAPTER
 from llm_server.main import build_engine
 
 
@@ -56,6 +57,11 @@ class SeedEngine(BatchingEngine):
 
         return stream()
 
+    def _adapter_selection(self, model: str) -> dict[str, Any]:
+        if not self._loaded.has_peft:
+            return {}
+        return {"adapter_names": [self._adapter_for(model) or BASE_ADAPTER]}
+
     def _run(
         self,
         prompt: Prompt,
@@ -83,7 +89,7 @@ class SeedEngine(BatchingEngine):
                 temperature=params.temperature or None,
                 streamer=_TokenStreamer(on_token),
                 pad_token_id=loaded.tokenizer.pad_token_id,
-                **loaded.adapter_names(self._adapter_for(prompt.model)),
+                **self._adapter_selection(prompt.model),
             )
         if produced[0] < params.max_tokens:
             loop.call_soon_threadsafe(out.put_nowait, Delta("", produced[0], "stop"))

@@ -29,12 +29,6 @@ class LoadedModel:
     def has_peft(self) -> bool:
         return isinstance(self.model, PeftModel)
 
-    def adapter_names(self, adapter: str | None) -> dict[str, Any]:
-        """forward() keyword selecting the adapter (or the base model) for a batch of one row."""
-        if not self.has_peft:
-            return {}
-        return {"adapter_names": [adapter or BASE_ADAPTER]}
-
 
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
