@@ -1,0 +1,72 @@
+"""Hostile and malformed input: a 4xx in the one error shape, never a 5xx, and the server keeps serving."""
+
+import json
+
+import httpx
+import pytest
+
+from tests.inference.harness import RunningServer
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+JSON = {"content-type": "application/json"}
+
+
+def body(**changes: object) -> bytes:
+    return json.dumps({**CHAT, **changes}).encode()
+
+
+HOSTILE = {
+    "invalid-utf8": b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe\xfd"}]}',
+    "not-json": b"\x00\x01\x02",
+    "truncated": body()[:-5],
+    "nan-temperature": body().replace(b'"max_tokens": 4', b'"max_tokens": 4, "temperature": NaN'),
+    "infinite-top-p": body().replace(b'"max_tokens": 4', b'"max_tokens": 4, "top_p": Infinity'),
+    "negative-temperature": body(temperature=-0.5),
+    "huge-temperature": body(temperature=1e308),
+    "negative-max-tokens": body(max_tokens=-1),
+    "huge-max-tokens": body(max_tokens=2**63),
+    "float-max-tokens": body(max_tokens=3.7),
+    "string-seed": body(seed="seven"),
+    "thousands-of-messages": body(messages=[{"role": "user", "content": "hi"}] * 5000),
+    "huge-prompt": body(messages=[{"role": "user", "content": "fox " * 200_000}]),
+    "unknown-role": body(messages=[{"role": "root", "content": "hi"}]),
+    "content-not-text": body(messages=[{"role": "user", "content": {"evil": True}}]),
+    "image-part": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
+    "messages-not-a-list": body(messages="hello"),
+    "model-not-a-string": body(model=["tiny"]),
+    "nested-stop": body(stop=[["x"]]),
+    "array-body": b"[1, 2, 3]",
+    "deeply-nested": b'{"model": "tiny", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+}
+
+
+@pytest.mark.parametrize("payload", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_bodies_get_a_4xx_in_the_error_shape(server: RunningServer, payload: bytes) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=payload, headers=JSON, timeout=30)
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_empty_content_is_served(server: RunningServer) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=body(messages=[{"role": "user", "content": ""}]),
+        headers=JSON,
+    )
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_wrong_content_types_are_rejected(server: RunningServer, content_type: str) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body(), headers={"content-type": content_type}
+    )
+    assert 400 <= response.status_code < 500
+
+
+def test_the_server_still_serves_afterwards(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0
