@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.requests import Request
 
@@ -26,6 +26,24 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+
+
+class ObservedStream:
+    """Deltas with metrics and the timeout applied; aclose() reaches the engine even if iteration never
+    began, so a client that leaves before the first token cancels its request."""
+
+    def __init__(self, observed: AsyncGenerator[Delta, None], engine_stream: AsyncIterator[Delta]) -> None:
+        self._observed, self._engine_stream = observed, engine_stream
+
+    def __aiter__(self) -> ObservedStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        return await self._observed.__anext__()
+
+    async def aclose(self) -> None:
+        await self._observed.aclose()
+        await self._engine_stream.aclose()  # type: ignore[attr-defined]
 
 
 class Generation:
@@ -62,7 +80,7 @@ class Generation:
             deltas = self.engine.generate(prompt, params)
         except EngineError as error:
             raise from_engine_error(error) from None
-        return self._observed(prompt, deltas)
+        return ObservedStream(self._observed(prompt, deltas), deltas)
 
     async def _observed(self, prompt: Prompt, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         metrics, model = self._metrics, self._metrics.model_name

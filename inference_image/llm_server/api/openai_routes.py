@@ -22,6 +22,7 @@ from llm_server.api.schemas import (
     Usage,
     error_responses,
 )
+from llm_server.api.streaming import event_stream
 from llm_server.engine.interface import EngineError, Prompt, SamplingParams
 
 router = APIRouter(
@@ -82,8 +83,7 @@ async def chat_completions(
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chat_chunks(generation, prompt, params, response_id, created, body.model, usage)
-        return EventSourceResponse(chunks, ping=15)
+        return _chat_stream(generation, prompt, params, response_id, created, body.model, usage)
     completion = await generation.complete(prompt, params, request)
     return {
         "id": response_id,
@@ -114,7 +114,7 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str,
     yield {"data": "[DONE]"}
 
 
-def _chat_chunks(
+def _chat_stream(
     generation: Generation,
     prompt: Prompt,
     params: SamplingParams,
@@ -122,7 +122,7 @@ def _chat_chunks(
     created: int,
     model: str,
     include_usage: bool,
-) -> AsyncIterator[dict[str, str]]:
+) -> EventSourceResponse:
     deltas = generation.start(prompt, params)  # 429 here, before the stream starts
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
@@ -156,7 +156,7 @@ def _chat_chunks(
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
 
-    return _sse(chunks())
+    return event_stream(_sse(chunks()), deltas)
 
 
 @router.post("/completions", response_model=None, responses=STREAMABLE)
@@ -189,7 +189,7 @@ async def completions(
             if include_usage:
                 yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
 
-        return EventSourceResponse(_sse(chunks()), ping=15)
+        return event_stream(_sse(chunks()), deltas)
     completion = await generation.complete(prompt, params, request)
     return {
         "id": response_id,

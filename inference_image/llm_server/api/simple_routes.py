@@ -27,6 +27,7 @@ from llm_server.api.schemas import (
     Usage,
     error_responses,
 )
+from llm_server.api.streaming import event_stream
 from llm_server.engine.interface import EngineError, Prompt, SamplingParams
 
 router = APIRouter(tags=["simple"], responses=error_responses(503))
@@ -107,7 +108,7 @@ def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams)
             yield {"data": json.dumps(error_body(500, "internal server error during generation"))}
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), ping=15)
+    return event_stream(events(), deltas)
 
 
 @protected.post("/chat", response_model=SimpleChatResponse, responses=STREAMABLE)

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -56,6 +56,38 @@ class Job:
 def _deliver(items: list[tuple[Job, Delta | BaseException]]) -> None:
     for job, item in items:
         job.out.put_nowait(item)
+
+
+class JobStream:
+    """The deltas of one request. Closing it cancels the request, also when it was never iterated (a
+    client that leaves before its first token must not leave work behind), which an async generator's
+    aclose() would not do."""
+
+    def __init__(self, job: Job, release: Callable[[Job], None]) -> None:
+        self._job, self._release, self._done = job, release, False
+
+    def __aiter__(self) -> JobStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._job.out.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            await self.aclose()
+            raise item
+        if item.finish_reason is not None:
+            await self.aclose()
+        return item
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._release(self._job)
 
 
 @dataclasses.dataclass(eq=False)
@@ -238,23 +270,15 @@ class BatchingEngine:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(job)
         self._wakeup.put(None)
-        return self._stream(job)
+        return JobStream(job, self._release)
 
-    async def _stream(self, job: Job) -> AsyncIterator[Delta]:
-        try:
-            while True:
-                item = await job.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            job.cancelled.set()  # the consumer left (disconnect, timeout) or finished: free the slot
-            with self._lock:
-                if job in self._waiting:
-                    self._waiting.remove(job)
-            self._wakeup.put(None)
+    def _release(self, job: Job) -> None:
+        """The consumer finished or left (disconnect, timeout): free the queue place or the batch row."""
+        job.cancelled.set()
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+        self._wakeup.put(None)
 
     # -- the worker ---------------------------------------------------------------------------------
     def _work(self) -> None:
