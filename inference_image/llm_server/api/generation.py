@@ -42,8 +42,11 @@ class ObservedStream:
         return await self._observed.__anext__()
 
     async def aclose(self) -> None:
-        await self._observed.aclose()
+        # The engine first: its aclose() never suspends, so it completes even inside a cancelled scope
+        # (a disconnect cancels the response's task group, and every later await there is cancelled too).
         await self._engine_stream.aclose()  # type: ignore[attr-defined]
+        with contextlib.suppress(RuntimeError):  # the generator may be mid-step in a cancelled task
+            await self._observed.aclose()
 
 
 class Generation:

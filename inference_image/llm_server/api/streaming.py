@@ -3,22 +3,28 @@
 from collections.abc import AsyncIterator
 
 from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from llm_server.api.generation import ObservedStream
 
 PING_SECONDS = 15
 
 
-def event_stream(events: AsyncIterator[dict[str, str]], deltas: ObservedStream) -> EventSourceResponse:
-    """`events` are built from `deltas`; whatever ends the response also cancels the generation, even a
-    client that leaves before the first event (then `events` never ran and only the background task does)."""
+class GenerationEvents(EventSourceResponse):
+    """Whatever ends the response also cancels the generation: the stream's end, an error, or a client
+    that leaves at any point (sse-starlette may then leave the event generator suspended or raise, so
+    the release happens around the whole response, not inside the generator)."""
 
-    async def guarded() -> AsyncIterator[dict[str, str]]:
+    def __init__(self, events: AsyncIterator[dict[str, str]], deltas: ObservedStream) -> None:
+        super().__init__(events, ping=PING_SECONDS)
+        self._deltas = deltas
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async for event in events:
-                yield event
+            await super().__call__(scope, receive, send)
         finally:
-            await deltas.aclose()
+            await self._deltas.aclose()
 
-    return EventSourceResponse(guarded(), ping=PING_SECONDS, background=BackgroundTask(deltas.aclose))
+
+def event_stream(events: AsyncIterator[dict[str, str]], deltas: ObservedStream) -> EventSourceResponse:
+    return GenerationEvents(events, deltas)
