@@ -1,7 +1,6 @@
 """`llmservice-operator run` as a process: it reconciles, and serves kopf's liveness probe and /metrics."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,8 @@ import httpx
 from lightkube.resources.apps_v1 import Deployment
 
 from tests.conftest import ROOT
+from tests.inference.harness import free_port
 from tests.operator.harness import Cluster, LLMServiceResource, eventually
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_run_serves_liveness_and_metrics_and_reconciles(cluster: Cluster, tmp_path: Path) -> None:

@@ -53,6 +53,18 @@ class Generation:
     def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine, self._settings, self._metrics = engine, settings, metrics
 
+    def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
+        try:
+            return self.engine.encode_chat(model, messages)
+        except EngineError as error:
+            raise from_engine_error(error) from None
+
+    def encode_text(self, model: str, text: str) -> Prompt:
+        try:
+            return self.engine.encode_text(model, text)
+        except EngineError as error:
+            raise from_engine_error(error) from None
+
     def params(self, prompt: Prompt, max_tokens: int | None, fields: SamplingFields) -> SamplingParams:
         if max_tokens is not None and max_tokens > self._settings.max_new_tokens:
             raise APIError(

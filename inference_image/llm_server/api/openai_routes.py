@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse
 
 from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import GenerationDep
-from llm_server.api.errors import APIError, error_body, from_engine_error
+from llm_server.api.errors import APIError, error_body
 from llm_server.api.generation import Generation
 from llm_server.api.schemas import (
     STREAMABLE,
@@ -23,7 +23,7 @@ from llm_server.api.schemas import (
     error_responses,
 )
 from llm_server.api.streaming import event_stream
-from llm_server.engine.interface import EngineError, Prompt, SamplingParams
+from llm_server.engine.interface import Prompt, SamplingParams
 
 router = APIRouter(
     prefix="/v1",
@@ -34,23 +34,12 @@ router = APIRouter(
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    ).model_dump()
+    return Usage.of(prompt_tokens, completion_tokens).model_dump()
 
 
 def _only_one_choice(n: int) -> None:
     if n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-
-
-def _encode(generation: Generation, encode: Any, model: str, payload: Any) -> Prompt:
-    try:
-        return encode(model, payload)
-    except EngineError as error:
-        raise from_engine_error(error) from None
 
 
 @router.get("/models")
@@ -78,7 +67,7 @@ async def chat_completions(
 ) -> dict[str, Any] | EventSourceResponse:
     _only_one_choice(body.n)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    prompt = _encode(generation, generation.engine.encode_chat, body.model, messages)
+    prompt = generation.encode_chat(body.model, messages)
     params = generation.params(prompt, body.max_completion_tokens or body.max_tokens, body)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -165,7 +154,7 @@ async def completions(
 ) -> dict[str, Any] | EventSourceResponse:
     _only_one_choice(body.n)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    prompt = _encode(generation, generation.engine.encode_text, body.model, text)
+    prompt = generation.encode_text(body.model, text)
     params = generation.params(prompt, body.max_tokens, body)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = text if body.echo else ""

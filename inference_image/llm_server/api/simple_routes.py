@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 from llm_server import __doc__ as summary
 from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import GenerationDep
-from llm_server.api.errors import APIError, error_body, from_engine_error
+from llm_server.api.errors import APIError, error_body
 from llm_server.api.generation import Generation
 from llm_server.api.schemas import (
     STREAMABLE,
@@ -28,7 +28,7 @@ from llm_server.api.schemas import (
     error_responses,
 )
 from llm_server.api.streaming import event_stream
-from llm_server.engine.interface import EngineError, Prompt, SamplingParams
+from llm_server.engine.interface import Prompt, SamplingParams
 
 router = APIRouter(tags=["simple"], responses=error_responses(503))
 protected = APIRouter(
@@ -76,21 +76,6 @@ def _model(generation: Generation, requested: str | None) -> str:
     return requested or generation.engine.base_model
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
-def _encode(encode: Any, model: str, payload: Any) -> Prompt:
-    try:
-        return encode(model, payload)
-    except EngineError as error:
-        raise from_engine_error(error) from None
-
-
 def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams) -> EventSourceResponse:
     deltas = generation.start(prompt, params)
     message_id = uuid.uuid4().hex
@@ -115,7 +100,7 @@ def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams)
 async def chat(body: SimpleChatRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    prompt = _encode(generation.engine.encode_chat, model, messages)
+    prompt = generation.encode_chat(model, messages)
     params = generation.params(prompt, body.max_tokens, body)
     if body.stream:
         return _text_stream(generation, prompt, params)
@@ -123,14 +108,14 @@ async def chat(body: SimpleChatRequest, request: Request, generation: Generation
     return SimpleChatResponse(
         response=completion.text,
         model=model,
-        usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+        usage=Usage.of(completion.prompt_tokens, completion.completion_tokens),
     )
 
 
 @protected.post("/generate", response_model=GenerateResponse, responses=STREAMABLE)
 async def generate(body: GenerateRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
-    prompt = _encode(generation.engine.encode_text, model, body.prompt)
+    prompt = generation.encode_text(model, body.prompt)
     params = generation.params(prompt, body.max_tokens, body)
     if body.stream:
         return _text_stream(generation, prompt, params)
@@ -138,7 +123,7 @@ async def generate(body: GenerateRequest, request: Request, generation: Generati
     return GenerateResponse(
         generated_text=completion.text,
         model=model,
-        usage=_usage(completion.prompt_tokens, completion.completion_tokens),
+        usage=Usage.of(completion.prompt_tokens, completion.completion_tokens),
     )
 
 
@@ -147,13 +132,13 @@ async def batch(body: BatchRequest, request: Request, generation: GenerationDep)
     model = _model(generation, body.model)
     jobs = []
     for text in body.prompts:
-        prompt = _encode(generation.engine.encode_text, model, text)
+        prompt = generation.encode_text(model, text)
         jobs.append((prompt, generation.params(prompt, body.max_tokens, body)))
     completions = await generation.complete_many(jobs, request)
     return BatchResponse(
         results=[completion.text for completion in completions],
         model=model,
-        usage=_usage(
+        usage=Usage.of(
             sum(c.prompt_tokens for c in completions), sum(c.completion_tokens for c in completions)
         ),
     )
