@@ -28,6 +28,12 @@ class ServerSettings(BaseSettings):
     max_batch_tokens: int = Field(
         65536, ge=16, description="Cache budget of the batch: prompt + max_tokens summed over its requests."
     )
+    max_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens prefilled in one step while other requests decode (at least one request "
+        "per step); default: 2048 on a GPU, 128 on a CPU.",
+    )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(
         None, description="When set, every non-health endpoint needs it as Bearer."

@@ -1,6 +1,7 @@
 """The batching engine against `model.generate` run alone: greedy, float32, CPU, token for token."""
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,37 @@ def test_seeded_sampling_does_not_depend_on_the_neighbours(engine: BatchingEngin
         return results[0]
 
     assert tokens(asyncio.run(alone())) == tokens(asyncio.run(crowded()))
+
+
+def test_requests_arriving_and_leaving_at_random_match_generate_alone(loaded: LoadedModel) -> None:
+    """Churn through a small batch: rows are freed and reused, longer prompts join shorter rows and the
+    cache outgrows its buffers, and every request still gets exactly its solo output."""
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=3, max_queued=64, max_batch_tokens=100_000)
+    rng = random.Random(7)
+    models = ["tiny", "support", "other"]
+    cases = [
+        (
+            engine.encode_text(
+                rng.choice(models), " ".join(rng.choice(PROMPTS) for _ in range(rng.randint(1, 6)))
+            ),
+            rng.randint(1, 45),
+            rng.random() * 0.05,
+        )
+        for _ in range(18)
+    ]
+
+    async def one(prompt: Prompt, max_tokens: int, delay: float) -> list[Delta]:
+        await asyncio.sleep(delay)
+        return await collect(engine, prompt, SamplingParams(max_tokens, temperature=0, ignore_eos=True))
+
+    async def scenario() -> list[list[Delta]]:
+        return await asyncio.gather(*(one(*case) for case in cases))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    for (prompt, max_tokens, _), deltas in zip(cases, results, strict=True):
+        assert len(tokens(deltas)) == max_tokens
+        expected = reference(loaded, prompt, max_tokens)
+        assert tokens(deltas)[: len(expected)] == expected, (prompt.model, len(prompt.token_ids))

@@ -1,6 +1,8 @@
 """Hostile and malformed input: a 4xx in the one error shape, never a 5xx, and the server keeps serving."""
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -70,3 +72,26 @@ def test_the_server_still_serves_afterwards(server: RunningServer) -> None:
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
     assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
     assert server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0
+
+
+def test_a_huge_prompt_does_not_stall_the_other_clients(server: RunningServer) -> None:
+    """Tokenizing millions of characters takes seconds; meanwhile probes and other clients are answered
+    (the kubelet restarts a pod whose liveness probe times out)."""
+    message = {"role": "user", "content": "Serving language models on Kubernetes " * 25_000}  # 950k chars
+    huge = body(messages=[message] * 4)
+
+    async def scenario() -> tuple[float, float, int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            started = time.perf_counter()
+            big = asyncio.create_task(client.post("/v1/chat/completions", content=huge, headers=JSON))
+            slowest = 0.0
+            while not big.done():
+                before = time.perf_counter()
+                assert (await client.get("/health/live")).status_code == 200
+                slowest = max(slowest, time.perf_counter() - before)
+            return time.perf_counter() - started, slowest, (await big).status_code
+
+    took, slowest_probe, status = asyncio.run(scenario())
+    assert status == 400  # longer than the context
+    assert took > 1.0, "the prompt was meant to take a while to tokenize"
+    assert slowest_probe < took / 3, (slowest_probe, took)

@@ -53,15 +53,16 @@ class Generation:
     def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine, self._settings, self._metrics = engine, settings, metrics
 
-    def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
+    # Tokenizing (and templating) a long prompt takes a while: off the event loop, which serves every stream.
+    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
         try:
-            return self.engine.encode_chat(model, messages)
+            return await asyncio.to_thread(self.engine.encode_chat, model, messages)
         except EngineError as error:
             raise from_engine_error(error) from None
 
-    def encode_text(self, model: str, text: str) -> Prompt:
+    async def encode_text(self, model: str, text: str) -> Prompt:
         try:
-            return self.engine.encode_text(model, text)
+            return await asyncio.to_thread(self.engine.encode_text, model, text)
         except EngineError as error:
             raise from_engine_error(error) from None
 

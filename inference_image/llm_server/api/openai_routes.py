@@ -67,7 +67,7 @@ async def chat_completions(
 ) -> dict[str, Any] | EventSourceResponse:
     _only_one_choice(body.n)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    prompt = generation.encode_chat(body.model, messages)
+    prompt = await generation.encode_chat(body.model, messages)
     params = generation.params(prompt, body.max_completion_tokens or body.max_tokens, body)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -154,7 +154,7 @@ async def completions(
 ) -> dict[str, Any] | EventSourceResponse:
     _only_one_choice(body.n)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    prompt = generation.encode_text(body.model, text)
+    prompt = await generation.encode_text(body.model, text)
     params = generation.params(prompt, body.max_tokens, body)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = text if body.echo else ""

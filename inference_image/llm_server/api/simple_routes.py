@@ -100,7 +100,7 @@ def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams)
 async def chat(body: SimpleChatRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    prompt = generation.encode_chat(model, messages)
+    prompt = await generation.encode_chat(model, messages)
     params = generation.params(prompt, body.max_tokens, body)
     if body.stream:
         return _text_stream(generation, prompt, params)
@@ -115,7 +115,7 @@ async def chat(body: SimpleChatRequest, request: Request, generation: Generation
 @protected.post("/generate", response_model=GenerateResponse, responses=STREAMABLE)
 async def generate(body: GenerateRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
-    prompt = generation.encode_text(model, body.prompt)
+    prompt = await generation.encode_text(model, body.prompt)
     params = generation.params(prompt, body.max_tokens, body)
     if body.stream:
         return _text_stream(generation, prompt, params)
@@ -132,7 +132,7 @@ async def batch(body: BatchRequest, request: Request, generation: GenerationDep)
     model = _model(generation, body.model)
     jobs = []
     for text in body.prompts:
-        prompt = generation.encode_text(model, text)
+        prompt = await generation.encode_text(model, text)
         jobs.append((prompt, generation.params(prompt, body.max_tokens, body)))
     completions = await generation.complete_many(jobs, request)
     return BatchResponse(

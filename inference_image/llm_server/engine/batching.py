@@ -2,7 +2,8 @@
 
 A request joins at the next step (after its own prefill), and leaves the batch the moment it finishes,
 hits a stop string, runs out of tokens or its client goes away; its rows of the KV cache go with it.
-Rows are left-padded to a common length, each with its own attention mask and positions, and peft picks
+Rows are left-padded to a common length in one preallocated cache (slots.py), each with its own mask and
+positions; at most LLM_MAX_PREFILL_TOKENS of prompt are prefilled per step while others decode. peft picks
 each row's LoRA adapter (or none) in the same forward pass. One worker thread runs the model; the event
 loop only receives deltas (call_soon_threadsafe).
 """
@@ -35,6 +36,7 @@ from llm_server.engine.interface import (
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
 from llm_server.engine.sampling import GREEDY_BELOW, make_generator, sample
+from llm_server.engine.slots import SlotCache
 from llm_server.engine.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -110,71 +112,37 @@ class Sequence:
 
 
 class Batch:
-    """The KV cache of the running sequences, left-padded to one length, with masks and positions."""
+    """The running sequences, row for row with their KV cache (see slots.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int) -> None:
         self.sequences: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for real tokens
+        self.cache: SlotCache | None = None
+        self._max_rows = max_rows
 
     def __len__(self) -> int:
         return len(self.sequences)
 
-    @property
-    def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    def add(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Appends prefilled rows (left-padded, `mask` marks their real tokens): pads the shorter side."""
-        width = max(self.width, mask.shape[1])
-        if self.cache is None or self.mask is None:
-            self.cache, self.mask = cache, mask
-        else:
-            layers = []
-            for old, new in zip(self.cache.layers, cache.layers, strict=True):
-                layers.append(
-                    (
-                        torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)], dim=0),
-                        torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)], dim=0),
-                    )
-                )
-            self.cache = DynamicCache(ddp_cache_data=layers)
-            self.mask = torch.cat(
-                [
-                    torch.nn.functional.pad(self.mask, (width - self.width, 0)),
-                    torch.nn.functional.pad(mask, (width - mask.shape[1], 0)),
-                ],
-                dim=0,
-            )
+    def add(self, sequences: list[Sequence], prefill: DynamicCache, mask: torch.Tensor) -> None:
+        """Appends prefilled rows (left-padded, `mask` marks their real tokens)."""
+        if self.cache is None:
+            self.cache = SlotCache(prefill, self._max_rows)
+        self.cache.append(prefill, mask)
         self.sequences.extend(sequences)
 
     def remove(self, finished: list[Sequence]) -> None:
-        keep = [index for index, sequence in enumerate(self.sequences) if sequence not in finished]
-        self.sequences = [self.sequences[index] for index in keep]
-        if not keep:
-            self.cache, self.mask = None, None
-            return
-        assert self.cache is not None and self.mask is not None
-        rows = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask.index_select(0, rows)
-        # Columns that are padding in every remaining row are dropped: attention stays as short as it can be.
-        first_used = int(torch.nonzero(mask.any(dim=0))[0].item())
-        self.mask = mask[:, first_used:]
-        self.cache = DynamicCache(
-            ddp_cache_data=[
-                (
-                    layer.keys.index_select(0, rows)[:, :, first_used:],
-                    layer.values.index_select(0, rows)[:, :, first_used:],
-                )
-                for layer in self.cache.layers
-            ]
-        )
+        assert self.cache is not None
+        rows = [row for row, sequence in enumerate(self.sequences) if sequence in finished]
+        for source, target in self.cache.remove(rows):
+            self.sequences[target] = self.sequences[source]
+        del self.sequences[self.cache.rows :]
 
 
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """(batch, heads, length, dim) padded with zeros on the left of `length` to `width`."""
-    missing = width - tensor.shape[2]
-    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, missing, 0))
+def default_prefill_tokens(device: torch.device) -> int:
+    """Prompt tokens one step may prefill. A GPU prefills thousands of tokens in about the time of a
+    decoding step (vLLM's default budget is 2048); on a CPU a 64-token prompt costs as much as many steps,
+    so prompts join one or two at a time, which keeps time-to-first-token from growing with the number of
+    arrivals in a burst."""
+    return 2048 if device.type == "cuda" else 128
 
 
 class BatchingEngine:
@@ -185,17 +153,19 @@ class BatchingEngine:
         max_batch_size: int,
         max_queued: int,
         max_batch_tokens: int,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self._loaded = loaded
         self._base_model = base_model
         self._max_batch_size = max_batch_size
         self._max_queued = max_queued
         self._max_batch_tokens = max_batch_tokens
+        self._max_prefill_tokens = max_prefill_tokens or default_prefill_tokens(loaded.device)
         self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
         self._wakeup: queue.Queue[None] = queue.Queue()
-        self._batch = Batch()
+        self._batch = Batch(max_batch_size)
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
@@ -321,15 +291,20 @@ class BatchingEngine:
             in_use = sum(
                 sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
             )
+            prefill = 0
             while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
                 job = self._waiting[0]
-                wanted = len(job.prompt.token_ids) + job.params.max_tokens
+                prompt = len(job.prompt.token_ids)
+                wanted = prompt + job.params.max_tokens
                 if (self._batch or admitted) and in_use + wanted > self._max_batch_tokens:
                     break  # waits for a finishing request to free cache room
+                if admitted and prefill + prompt > self._max_prefill_tokens:
+                    break  # joins at the next step: running streams only pause for a bounded prefill
                 self._waiting.pop(0)
                 if not job.cancelled.is_set():
                     admitted.append(job)
                     in_use += wanted
+                    prefill += prompt
         if admitted:
             try:
                 self._prefill(admitted)
@@ -397,25 +372,22 @@ class BatchingEngine:
     def _step(self) -> None:
         """One decoding step for every sequence in the batch."""
         loaded, batch = self._loaded, self._batch
-        assert batch.mask is not None
-        device = batch.mask.device
+        assert batch.cache is not None
+        device = loaded.device
         input_ids = torch.tensor([[sequence.next_token] for sequence in batch.sequences], device=device)
         positions = torch.tensor([[sequence.length] for sequence in batch.sequences], device=device)
-        batch.mask = torch.cat(
-            [batch.mask, torch.ones((len(batch), 1), dtype=batch.mask.dtype, device=device)], 1
-        )
         selection: dict[str, Any] = {}
         if loaded.has_peft:
             selection["adapter_names"] = [sequence.adapter or BASE_ADAPTER for sequence in batch.sequences]
         output = loaded.model(
             input_ids=input_ids,
-            attention_mask=batch.mask,
+            attention_mask=batch.cache.step_mask(),
             position_ids=positions,
             past_key_values=batch.cache,
             use_cache=True,
             **selection,
         )
-        batch.cache = output.past_key_values
+        batch.cache.advance()
         finished = []
         for sequence, token in zip(
             batch.sequences, self._sample(output.logits[:, -1], batch.sequences), strict=True
