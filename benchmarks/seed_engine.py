@@ -74,6 +74,7 @@ class SeedEngine(BatchingEngine):
 
         def on_token(token: int) -> None:
             produced[0] += 1
+            self._generated_tokens += 1
             text = loaded.tokenizer.decode([token], skip_special_tokens=True)
             finish = "length" if produced[0] >= params.max_tokens else None
             loop.call_soon_threadsafe(out.put_nowait, Delta(text, produced[0], finish, (token,)))

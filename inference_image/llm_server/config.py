@@ -31,8 +31,8 @@ class ServerSettings(BaseSettings):
     max_prefill_tokens: int | None = Field(
         None,
         ge=1,
-        description="Prompt tokens prefilled in one step while other requests decode (at least one request "
-        "per step); default: 2048 on a GPU, 128 on a CPU.",
+        description="Prompt tokens prefilled in one step (always at least one request); "
+        "default: 2048 on a GPU, 128 on a CPU.",
     )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(

@@ -80,6 +80,7 @@ def create_app(
             lambda: engine.waiting,
             engine.adapters_in_use,
             max_lora=len(settings.adapters),
+            generated_tokens=lambda: engine.generated_tokens,
         )
         state.generation = Generation(engine, settings, metrics)
         if state.phase == "loading":

@@ -171,25 +171,31 @@ def test_internal_failure_is_500_without_details(demo: tuple[Path, Path]) -> Non
         assert "secret" not in "".join(events)
 
 
-def test_api_key(demo: tuple[Path, Path]) -> None:
-    with running_server(demo[0], served_model_name="tiny", api_key="s3cret-key") as server:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
-            for method, path, body in (
-                ("POST", "/v1/chat/completions", CHAT),
-                ("GET", "/v1/models", None),
-                ("POST", "/chat", {"messages": CHAT["messages"]}),
-                ("POST", "/generate", {"prompt": "x"}),
-                ("POST", "/batch", {"prompts": ["x"]}),
-                ("GET", "/model/info", None),
-                ("GET", "/", None),
-            ):
-                response = httpx.request(method, f"{server.url}{path}", json=body, headers=headers)
+OPEN_PATHS = {"/health", "/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"}
+
+
+def test_api_key(demo: tuple[Path, Path], figure) -> None:  # type: ignore[no-untyped-def]
+    key = "s3cret-key"
+    with running_server(demo[0], served_model_name="tiny", api_key=key, enable_runtime_lora=True) as server:
+        # Every operation the server documents, so a new endpoint is covered the day it is added.
+        document = httpx.get(f"{server.url}/openapi.json").json()
+        operations = [
+            (method.upper(), path)
+            for path, methods in document["paths"].items()
+            if path not in OPEN_PATHS
+            for method in methods
+        ]
+        assert len(operations) >= 10
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"X-Api-Key": key}):
+            for method, path in operations:
+                response = httpx.request(method, f"{server.url}{path}", json={}, headers=headers)
                 assert_error(response, 401, "API key")
                 assert response.headers["www-authenticate"] == "Bearer"
-        good = {"Authorization": "Bearer s3cret-key"}
+        good = {"Authorization": f"Bearer {key}"}
         assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers=good).status_code == 200
-        for open_path in ("/health", "/health/live", "/health/ready", "/metrics"):
+        for open_path in OPEN_PATHS:
             assert httpx.get(f"{server.url}{open_path}").status_code == 200
+    figure(f"{len(operations)} operations x 4 wrong credentials: all 401; health, metrics and docs open")
 
 
 def test_concurrent_requests_all_complete(server: RunningServer) -> None:

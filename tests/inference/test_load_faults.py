@@ -34,7 +34,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def test_100_clients_that_disconnect_leave_nothing_running(server: RunningServer) -> None:
+def test_100_clients_that_disconnect_leave_nothing_running(server: RunningServer, figure) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(abandon_streams(server.url, 20))  # warm-up: allocator pools reach their working size
     before = rss_mb()
     tokens_before = server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) or 0
@@ -52,12 +52,17 @@ def test_100_clients_that_disconnect_leave_nothing_running(server: RunningServer
             break
         asyncio.run(asyncio.sleep(0.05))
     assert idle()
-    # Cancelled, not run to the end for nobody: far fewer than 100 x 400 tokens were generated.
+    # Cancelled, not run to the end for nobody: the engine decoded far fewer than 100 x 400 tokens (its
+    # counter includes tokens nobody read).
     generated = (server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) or 0) - tokens_before
-    assert generated < 100 * 400 / 4, generated
+    assert generated < 100 * 400 / 10, generated
     # Peak RSS of the whole test process (server included) after 100 more abandoned streams.
     assert rss_mb() - before < 100, f"peak RSS grew from {before:.0f} MB to {rss_mb():.0f} MB"
     assert httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4}).status_code == 200
+    figure(
+        f"100 abandoned 400-token streams: running 0, waiting 0, {generated:.0f} tokens generated "
+        f"(of 40000 asked), peak RSS +{rss_mb() - before:.0f} MB"
+    )
 
 
 def test_the_api_key_never_reaches_logs_or_responses(

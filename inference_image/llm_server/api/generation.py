@@ -127,7 +127,6 @@ class Generation:
                     new_tokens -= 1
                 for _ in range(max(new_tokens, 0)):
                     metrics.itl.labels(model).observe((now - last) / max(new_tokens, 1))
-                metrics.generation_tokens.labels(model).inc(delta.completion_tokens - seen)
                 seen, last = delta.completion_tokens, now
                 if self._settings.log_prompts:
                     generated.append(delta.text)

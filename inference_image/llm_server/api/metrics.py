@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -30,6 +30,18 @@ class _LoraInfo(Collector):
         family.add_metric(
             [self._model_name, str(self._max_lora), ",".join(running), ",".join(waiting)], time.time()
         )
+        yield family
+
+
+class _EngineCounters(Collector):
+    """Counted by the engine, not by the HTTP layer: tokens decoded for a client that left count too."""
+
+    def __init__(self, model_name: str, generated_tokens: Callable[[], int]) -> None:
+        self._model_name, self._generated_tokens = model_name, generated_tokens
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("vllm:generation_tokens", "Tokens generated.", labels=["model_name"])
+        family.add_metric([self._model_name], self._generated_tokens())
         yield family
 
 
@@ -68,9 +80,6 @@ class ServerMetrics:
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=registry
         )
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Tokens generated.", labels, registry=registry
-        )
         self.success = Counter(
             "vllm:request_success", "Requests finished.", [*labels, "finished_reason"], registry=registry
         )
@@ -87,7 +96,9 @@ class ServerMetrics:
         waiting: Callable[[], int],
         adapters: Callable[[], tuple[list[str], list[str]]],
         max_lora: int,
+        generated_tokens: Callable[[], int],
     ) -> None:
         self.running.labels(self.model_name).set_function(running)
         self.waiting.labels(self.model_name).set_function(waiting)
+        self.registry.register(_EngineCounters(self.model_name, generated_tokens))
         self.registry.register(_LoraInfo(self.model_name, max_lora, adapters))

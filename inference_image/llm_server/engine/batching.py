@@ -3,7 +3,7 @@
 A request joins at the next step (after its own prefill), and leaves the batch the moment it finishes,
 hits a stop string, runs out of tokens or its client goes away; its rows of the KV cache go with it.
 Rows are left-padded to a common length in one preallocated cache (slots.py), each with its own mask and
-positions; at most LLM_MAX_PREFILL_TOKENS of prompt are prefilled per step while others decode. peft picks
+positions; at most LLM_MAX_PREFILL_TOKENS of prompt are prefilled per step. peft picks
 each row's LoRA adapter (or none) in the same forward pass. One worker thread runs the model; the event
 loop only receives deltas (call_soon_threadsafe).
 """
@@ -167,6 +167,7 @@ class BatchingEngine:
         self._wakeup: queue.Queue[None] = queue.Queue()
         self._batch = Batch(max_batch_size)
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
+        self._generated_tokens = 0
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
         self._worker.start()
@@ -187,6 +188,10 @@ class BatchingEngine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def generated_tokens(self) -> int:
+        return self._generated_tokens
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         with self._lock:
@@ -403,6 +408,7 @@ class BatchingEngine:
         """Hands the sampled token to the client; True when the sequence is done."""
         job, token = sequence.job, sequence.next_token
         sequence.produced += 1
+        self._generated_tokens += 1
         sequence.unsent.append(token)
         stops, detokenizer = sequence.stops, sequence.detokenizer
         if token == self._loaded.tokenizer.eos_token_id and not job.params.ignore_eos:
