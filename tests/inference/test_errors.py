@@ -1,5 +1,7 @@
 """Every failure in one shape, with the right status code and nothing half-done."""
 
+import asyncio
+import collections
 import json
 import threading
 import time
@@ -106,23 +108,39 @@ def test_oversized_body_is_413(demo: tuple[Path, Path]) -> None:
         assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=big), 413, "exceeds 4096")
 
 
-def test_queue_full_is_429_with_retry_after_and_the_server_recovers(demo: tuple[Path, Path]) -> None:
-    long = {**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with running_server(demo[0], served_model_name="tiny", max_batch_size=1, max_queued_requests=0) as server:
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=long) as running:
-            lines = running.iter_lines()  # kept: dropping the iterator would close the stream
-            next(lines)  # the long request is being decoded
-            response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)
-            assert_error(response, 429, "capacity")
-            assert response.headers["retry-after"] == "1"
+def test_queue_full_is_429_with_retry_after_and_the_server_recovers(demo: tuple[Path, Path], figure) -> None:  # type: ignore[no-untyped-def]
+    long = {**CHAT, "max_tokens": 300, "ignore_eos": True}
+    burst = 16
+    with running_server(demo[0], served_model_name="tiny", max_batch_size=2, max_queued_requests=2) as server:
+
+        async def overflow() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                return await asyncio.gather(
+                    *(client.post("/v1/chat/completions", json=long) for _ in range(burst))
+                )
+
+        responses = asyncio.run(overflow())
+        statuses = collections.Counter(response.status_code for response in responses)
+        assert set(statuses) == {200, 429} and statuses[200] >= 4, statuses
+        for response in responses:
+            if response.status_code == 429:
+                assert_error(response, 429, "capacity")
+                assert response.headers["retry-after"] == "1"
+            else:
+                assert response.json()["usage"]["completion_tokens"] == 300  # admitted ones are served whole
         deadline = time.monotonic() + 10
         while server.metric("vllm:num_requests_running", {"model_name": "tiny"}):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+        after = [httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code for _ in range(burst)]
+        assert after == [200] * burst
+    figure(
+        f"{burst} at once against room for 4 (batch 2 + queue 2): {statuses[200]} served whole, "
+        f"{statuses[429]} got 429 + Retry-After; then {burst}/{burst} served"
+    )
 
 
-def test_timeout_mid_stream_sends_an_error_event_then_done(demo: tuple[Path, Path]) -> None:
+def test_timeout_mid_stream_sends_an_error_event_then_done(demo: tuple[Path, Path], figure) -> None:  # type: ignore[no-untyped-def]
     with running_server(demo[0], served_model_name="tiny", request_timeout=0.3) as server:
         slow = {**CHAT, "max_tokens": 500, "ignore_eos": True}
         plain = httpx.post(f"{server.url}/v1/chat/completions", json=slow, timeout=30)
@@ -137,6 +155,11 @@ def test_timeout_mid_stream_sends_an_error_event_then_done(demo: tuple[Path, Pat
         assert time.monotonic() - started < 10
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == 504
+        deadline = time.monotonic() + 5  # the stopped generation gives its batch row back
+        while server.metric("vllm:num_requests_running", {"model_name": "tiny"}):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    figure("500-token generations, 0.3 s timeout: 504, or an error event + [DONE] when streamed; row freed")
 
 
 class ExplodingEngine:

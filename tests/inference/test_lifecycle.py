@@ -131,37 +131,64 @@ def start_process(demo: tuple[Path, Path], port: int, *args: str, **env: str) ->
     )
 
 
-def test_sigterm_drains_then_finishes_in_flight_requests(demo: tuple[Path, Path]) -> None:
+def test_sigterm_drains_then_finishes_in_flight_requests(demo: tuple[Path, Path], figure) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_process(demo, port, LLM_DRAIN_SECONDS="1", LLM_SHUTDOWN_TIMEOUT="20")
+    in_flight = 6
     try:
         wait_for(lambda: _status(f"{url}/health/ready") == 200, timeout=60)
-        result: dict[str, object] = {}
+        results: list[tuple[int, int]] = []
 
-        def in_flight() -> None:
+        def call(stream: bool) -> None:
             body = {**CHAT, "max_tokens": 400, "ignore_eos": True}
-            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-            result["status"], result["tokens"] = (
-                response.status_code,
-                response.json()["usage"]["completion_tokens"],
-            )
+            if not stream:
+                response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+                results.append((response.status_code, response.json()["usage"]["completion_tokens"]))
+                return
+            streamed = {
+                "model": "tiny",
+                "prompt": "Hi",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            with httpx.stream("POST", f"{url}/v1/completions", json={**body, **streamed}) as response:
+                chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
+            results.append((response.status_code, json.loads(chunks[-1][6:])["usage"]["completion_tokens"]))
 
-        caller = threading.Thread(target=in_flight)
-        caller.start()
-        time.sleep(0.1)
+        callers = [threading.Thread(target=call, args=(index % 2 == 0,)) for index in range(in_flight)]
+        for caller in callers:
+            caller.start()
+        wait_for(lambda: _metric(url, "vllm:num_requests_running") == in_flight, timeout=10)
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         wait_for(lambda: _status(f"{url}/health/ready") == 503, timeout=2)
-        caller.join(30)
-        assert result == {"status": 200, "tokens": 400}, "the in-flight request finished"
+        for caller in callers:
+            caller.join(30)
+        assert results == [(200, 400)] * in_flight, "every in-flight request finished, streamed or not"
         # uvicorn re-raises the signal once shut down: the status a SIGTERM'd process reports.
         assert process.wait(30) in (0, -signal.SIGTERM)
-        assert time.monotonic() - sent < 25
+        exited = time.monotonic() - sent
+        assert exited < 25
     finally:
         process.kill()
     output = process.stdout.read() if process.stdout else ""
     assert "draining" in output
+    figure(
+        f"SIGTERM with {in_flight} requests in flight (half streamed): all finished (200, 400 tokens), "
+        f"exit after {exited:.1f} s"
+    )
+
+
+def _metric(url: str, name: str) -> float | None:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=1).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 def _status(url: str) -> int | None:
