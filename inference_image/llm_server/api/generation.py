@@ -7,7 +7,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 from starlette.requests import Request
 
@@ -49,20 +50,28 @@ class ObservedStream:
             await self._observed.aclose()
 
 
+INLINE_ENCODE_CHARS = 16_384  # about a millisecond of tokenizing
+
+
 class Generation:
     def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine, self._settings, self._metrics = engine, settings, metrics
 
-    # Tokenizing (and templating) a long prompt takes a while: off the event loop, which serves every stream.
+    # Tokenizing (and templating) a long prompt takes a while: off the event loop, which serves every
+    # stream. A short one stays on it: the thread hop would cost more than the encoding.
     async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
-        try:
-            return await asyncio.to_thread(self.engine.encode_chat, model, messages)
-        except EngineError as error:
-            raise from_engine_error(error) from None
+        size = sum(len(message["content"]) + 100 for message in messages)  # templating costs per message too
+        return await self._encode(self.engine.encode_chat, model, messages, size=size)
 
     async def encode_text(self, model: str, text: str) -> Prompt:
+        return await self._encode(self.engine.encode_text, model, text, size=len(text))
+
+    @staticmethod
+    async def _encode(encode: Callable[[str, Any], Prompt], model: str, content: Any, size: int) -> Prompt:
         try:
-            return await asyncio.to_thread(self.engine.encode_text, model, text)
+            if size < INLINE_ENCODE_CHARS:
+                return encode(model, content)
+            return await asyncio.to_thread(encode, model, content)
         except EngineError as error:
             raise from_engine_error(error) from None
 
