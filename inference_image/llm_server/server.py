@@ -12,6 +12,7 @@ import threading
 from types import FrameType
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from llm_server.config import ServerSettings
 from llm_server.logs import configure_logging
@@ -60,5 +61,8 @@ def serve(settings: ServerSettings) -> int:
         access_log=False,
     )
     server = DrainingServer(config, settings, app.state.server)
+    # sse-starlette ends every open stream the moment uvicorn starts shutting down; in-flight streams are
+    # to finish like any other request, within timeout_graceful_shutdown (uvicorn cancels what is left).
+    AppStatus.disable_automatic_graceful_drain()
     server.run()
     return 1 if failures else 0

@@ -134,17 +134,20 @@ def start_process(demo: tuple[Path, Path], port: int, *args: str, **env: str) ->
 def test_sigterm_drains_then_finishes_in_flight_requests(demo: tuple[Path, Path], figure) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_process(demo, port, LLM_DRAIN_SECONDS="1", LLM_SHUTDOWN_TIMEOUT="20")
+    drain = 0.3  # shorter than the requests: they must also outlive the start of uvicorn's shutdown
+    process = start_process(demo, port, LLM_DRAIN_SECONDS=str(drain), LLM_SHUTDOWN_TIMEOUT="20")
     in_flight = 6
     try:
         wait_for(lambda: _status(f"{url}/health/ready") == 200, timeout=60)
         results: list[tuple[int, int]] = []
+        finished: list[float] = []
 
         def call(stream: bool) -> None:
             body = {**CHAT, "max_tokens": 400, "ignore_eos": True}
             if not stream:
                 response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
                 results.append((response.status_code, response.json()["usage"]["completion_tokens"]))
+                finished.append(time.monotonic())
                 return
             streamed = {
                 "model": "tiny",
@@ -155,6 +158,7 @@ def test_sigterm_drains_then_finishes_in_flight_requests(demo: tuple[Path, Path]
             with httpx.stream("POST", f"{url}/v1/completions", json={**body, **streamed}) as response:
                 chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
             results.append((response.status_code, json.loads(chunks[-1][6:])["usage"]["completion_tokens"]))
+            finished.append(time.monotonic())
 
         callers = [threading.Thread(target=call, args=(index % 2 == 0,)) for index in range(in_flight)]
         for caller in callers:
@@ -166,6 +170,7 @@ def test_sigterm_drains_then_finishes_in_flight_requests(demo: tuple[Path, Path]
         for caller in callers:
             caller.join(30)
         assert results == [(200, 400)] * in_flight, "every in-flight request finished, streamed or not"
+        assert max(finished) - sent > drain, "the requests were meant to run past the drain"
         # uvicorn re-raises the signal once shut down: the status a SIGTERM'd process reports.
         assert process.wait(30) in (0, -signal.SIGTERM)
         exited = time.monotonic() - sent
