@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VERSION ?= 0.1.0
 
-.PHONY: install test lint format demo bench bench-operator chart-crds images e2e clean
+.PHONY: install test lint format demo bench bench-operator bench-faults chart-crds images e2e clean
 
 install: $(INSTALLED)
 
@@ -38,6 +38,10 @@ bench: install
 
 bench-operator: install
 	$(PY) -m benchmarks.operator_bench
+
+# The operator under injected API faults and 20 kills, 200 LLMServices at once: convergence time, retries.
+bench-faults: install
+	$(PY) -m benchmarks.operator_faults
 
 # The chart's CRD template is generated from crds/ (a test fails when they differ).
 chart-crds: install

@@ -23,6 +23,7 @@ from llmservice_operator.constants import (
 from llmservice_operator.k8s import ChildWriter
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import CHILD_INDEXES, LLMSERVICE_INDEX, POD_INDEX, Reconciler
+from llmservice_operator.requeue import Requeue
 from llmservice_operator.settings import OperatorSettings
 
 CHILD_RESOURCES = {
@@ -31,6 +32,7 @@ CHILD_RESOURCES = {
     "Deployment": ("apps", "v1", "deployments"),
     "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
 }
 OWNED = {LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: kopf.PRESENT}
 POD_STATUS_FIELDS = ("conditions", "initContainerStatuses", "containerStatuses", "phase")
@@ -61,6 +63,7 @@ def build_registry(
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics(metrics_registry)
     reconciler = Reconciler(settings, metrics)
+    requeue = Requeue()
     llmservices = (GROUP, VERSION, PLURAL)
 
     @kopf.on.login(registry=registry)
@@ -76,10 +79,11 @@ def build_registry(
         )
         # kopf would post every handler success as an Event; the reconciler posts its own.
         settings.posting.level = logging.WARNING
-        memo.writer = ChildWriter.from_environment()
+        memo.writer = ChildWriter.from_environment(metrics.api_retries)
 
     @kopf.on.cleanup(registry=registry)
     async def close(memo: kopf.Memo, **_: Any) -> None:
+        await requeue.close()
         writer = memo.get("writer")
         if writer is not None:
             await writer.close()
@@ -101,17 +105,24 @@ def build_registry(
         """Any event of a child or pod re-runs its owner's pass: restores drift, refreshes status."""
         reconciler.expectations.observed((body.get("kind", ""), namespace, name))
         owner_name = labels[LABEL_INSTANCE]
-        owner = next(iter(kwargs[LLMSERVICE_INDEX].get((namespace, owner_name), [])), None)
-        if owner is None:  # being garbage-collected with its owner, or not ours
-            return
-        try:
-            await reconciler.reconcile(body=owner, writer=memo.writer, indexes=kwargs, trigger="child")
-        except kopf.TemporaryError as error:
-            # Event handlers are not retried; the status already says ApplyFailed and the next event retries.
-            logger.warning("LLMService %s/%s: %s", namespace, owner_name, error)
-        except ApiError as error:
-            if error.status.code != 404:  # 404: the owner was deleted while this pass ran
-                raise
+
+        async def owner_pass() -> bool:
+            """False when the pass failed; kopf does not retry event handlers, so `requeue` does."""
+            owner = next(iter(kwargs[LLMSERVICE_INDEX].get((namespace, owner_name), [])), None)
+            if owner is None:  # being garbage-collected with its owner, or not ours
+                return True
+            try:
+                await reconciler.reconcile(body=owner, writer=memo.writer, indexes=kwargs, trigger="child")
+            except kopf.TemporaryError as error:
+                logger.warning("LLMService %s/%s: %s; retrying later", namespace, owner_name, error)
+                return False
+            except ApiError as error:
+                if error.status.code != 404:  # 404: the owner was deleted while this pass ran
+                    raise
+            return True
+
+        if not await owner_pass():
+            requeue.retry_later((namespace, owner_name), owner_pass)
 
     for resource in [*CHILD_RESOURCES.values(), ("", "v1", "pods")]:
         kopf.on.event(*resource, labels=OWNED, id=f"{resource[2]}_changed", registry=registry)(child_changed)
@@ -120,5 +131,6 @@ def build_registry(
     def forget(namespace: str, name: str, uid: str, **_: Any) -> None:
         # Children go with the LLMService through garbage collection (owner references): no finalizer.
         reconciler.forget(namespace, name, uid)
+        requeue.forget((namespace, name))
 
     return registry, metrics

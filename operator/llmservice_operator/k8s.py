@@ -1,7 +1,16 @@
 """The only module that writes to the API server itself (reads come from kopf's indexes; kopf writes
-its own progress annotations and events)."""
+its own progress annotations and events).
 
-from typing import Any
+Requests the API server answers with "try again" (409 Conflict, 429 Too Many Requests, 5xx) are
+retried here a few times within about two seconds, honouring Retry-After, as client-go does for its
+controllers: every write is idempotent (server-side apply of the whole object, a merge patch of
+status, a delete), so repeating one is safe. Only what outlasts these retries reaches the reconciler,
+which reports ApplyFailed and has the pass run again later.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.core.resource import NamespacedResource
@@ -9,8 +18,10 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
 from lightkube.resources.core_v1 import ConfigMap, Service
+from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
+from prometheus_client import Counter
 
 from llmservice_operator.constants import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION
 
@@ -22,36 +33,69 @@ RESOURCES: dict[tuple[str, str], type[NamespacedResource]] = {
     ("apps/v1", "Deployment"): Deployment,
     ("autoscaling/v2", "HorizontalPodAutoscaler"): HorizontalPodAutoscaler,
     ("policy/v1", "PodDisruptionBudget"): PodDisruptionBudget,
+    ("networking.k8s.io/v1", "NetworkPolicy"): NetworkPolicy,
 }
+RETRIED_CODES = frozenset({409, 429, 500, 502, 503, 504})
+RETRY_DELAYS = (0.1, 0.3, 1.0)  # seconds before each retry; a Retry-After up to MAX_RETRY_AFTER wins
+MAX_RETRY_AFTER = 2.0
+T = TypeVar("T")
+
+
+def _retry_after(error: ApiError) -> float:
+    header = error.response.headers.get("Retry-After") if error.response is not None else None
+    try:
+        return min(float(header), MAX_RETRY_AFTER) if header else 0.0
+    except ValueError:
+        return 0.0
 
 
 class ChildWriter:
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(
+        self, client: AsyncClient, retries: Counter | None = None, delays: tuple[float, ...] = RETRY_DELAYS
+    ) -> None:
         self._client = client
+        self._retries = retries  # labelled by HTTP status code
+        self._delays = delays
 
     @classmethod
-    def from_environment(cls) -> "ChildWriter":
+    def from_environment(cls, retries: Counter | None = None) -> "ChildWriter":
         """In-cluster service account, else $KUBECONFIG or ~/.kube/config (as kopf's own login does)."""
-        return cls(AsyncClient(config=KubeConfig.from_env(), field_manager=FIELD_MANAGER))
+        return cls(AsyncClient(config=KubeConfig.from_env(), field_manager=FIELD_MANAGER), retries)
+
+    async def _retrying(self, request: Callable[[], Awaitable[T]]) -> T:
+        for delay in self._delays:
+            try:
+                return await request()
+            except ApiError as error:
+                if error.status.code not in RETRIED_CODES:
+                    raise
+                if self._retries is not None:
+                    self._retries.labels(str(error.status.code)).inc()
+                await asyncio.sleep(max(delay, _retry_after(error)))
+        return await request()
 
     async def apply(self, manifest: dict[str, Any]) -> None:
         """Server-side apply with a fixed field manager: creates, updates, and drops fields no longer sent."""
         resource = RESOURCES[(manifest["apiVersion"], manifest["kind"])]
         meta = manifest["metadata"]
-        await self._client.patch(
-            resource,
-            meta["name"],
-            manifest,
-            namespace=meta["namespace"],
-            patch_type=PatchType.APPLY,
-            field_manager=FIELD_MANAGER,
-            force=True,
+        await self._retrying(
+            lambda: self._client.patch(
+                resource,
+                meta["name"],
+                manifest,
+                namespace=meta["namespace"],
+                patch_type=PatchType.APPLY,
+                field_manager=FIELD_MANAGER,
+                force=True,
+            )
         )
 
     async def delete(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
         """False when it was already gone."""
         try:
-            await self._client.delete(RESOURCES[(api_version, kind)], name, namespace=namespace)
+            await self._retrying(
+                lambda: self._client.delete(RESOURCES[(api_version, kind)], name, namespace=namespace)
+            )
         except ApiError as error:
             if error.status.code == 404:
                 return False
@@ -61,7 +105,9 @@ class ChildWriter:
     async def owner_alive(self, namespace: str, name: str, uid: str) -> bool:
         """Whether the LLMService still exists (as the same object) before a child is recreated for it."""
         try:
-            owner = await self._client.get(LLMServiceResource, name, namespace=namespace)
+            owner = await self._retrying(
+                lambda: self._client.get(LLMServiceResource, name, namespace=namespace)
+            )
         except ApiError as error:
             if error.status.code == 404:
                 return False
@@ -70,12 +116,14 @@ class ChildWriter:
 
     async def patch_status(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
         """A merge patch of the status subresource (for passes started by a child's event)."""
-        await self._client.patch(
-            LLMServiceResource.Status,
-            name,
-            {"status": changes},
-            namespace=namespace,
-            patch_type=PatchType.MERGE,
+        await self._retrying(
+            lambda: self._client.patch(
+                LLMServiceResource.Status,
+                name,
+                {"status": changes},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+            )
         )
 
     async def close(self) -> None:

@@ -56,5 +56,11 @@ class OperatorMetrics:
             ["kind", "action"],
             registry=registry,
         )
+        self.api_retries = Counter(
+            "llmservice_operator_api_retries",
+            "API requests the operator repeated after a retryable error, by HTTP status code",
+            ["code"],
+            registry=registry,
+        )
         self.conditions = ConditionTracker()
         registry.register(self.conditions)

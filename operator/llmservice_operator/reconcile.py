@@ -38,6 +38,7 @@ CHILD_INDEXES = {
     "Deployment": "deployments_by_owner",
     "HorizontalPodAutoscaler": "hpas_by_owner",
     "PodDisruptionBudget": "pdbs_by_owner",
+    "NetworkPolicy": "networkpolicies_by_owner",
 }
 POD_INDEX = "pods_by_owner"
 RETRY_DELAY_SECONDS = 10
@@ -103,6 +104,15 @@ class Reconciler:
         except kopf.PermanentError:
             result = "invalid"
             raise
+        except ApiError as error:
+            # A status write (or the owner check) failed after the client's own retries: "not yet",
+            # retried soon, rather than an unexpected error kopf would retry only after 60 s.
+            # 404: the LLMService was deleted while the pass ran; the handlers expect that one as is.
+            if error.status.code == 404:
+                raise
+            raise kopf.TemporaryError(
+                f"writing status failed: {_api_message(error)}", delay=RETRY_DELAY_SECONDS
+            ) from None
         finally:
             self._metrics.reconciles.labels(trigger, result).inc()
             self._metrics.duration.labels(trigger).observe(time.perf_counter() - started)

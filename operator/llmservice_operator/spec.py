@@ -180,6 +180,58 @@ class CacheSpec(_Model):
         return value
 
 
+class LabelSelectorRequirement(_Model):
+    key: Annotated[str, Field(min_length=1, max_length=317)]
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64)] = Field(
+        default_factory=list
+    )
+
+    @model_validator(mode="after")
+    def _values_match_operator(self) -> LabelSelectorRequirement:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise ValueError("matchExpressions: In and NotIn need values, Exists and DoesNotExist take none")
+        return self
+
+
+class LabelSelector(_Model):
+    """A metav1 LabelSelector; empty matches everything."""
+
+    match_labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)] = Field(
+        default_factory=dict
+    )
+    match_expressions: Annotated[list[LabelSelectorRequirement], Field(max_length=16)] = Field(
+        default_factory=list
+    )
+
+
+class NetworkPeer(_Model):
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> NetworkPeer:
+        if self.namespace_selector is None and self.pod_selector is None:
+            raise ValueError(
+                "each networkPolicy.ingressFrom entry needs a namespaceSelector, a podSelector or both"
+            )
+        return self
+
+
+class NetworkPolicySpec(_Model):
+    enabled: bool = False
+    ingress_from: Annotated[list[NetworkPeer], Field(max_length=32)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _peers_when_enabled(self) -> NetworkPolicySpec:
+        if self.enabled and not self.ingress_from:
+            raise ValueError(
+                "networkPolicy.ingressFrom must list at least one peer when enabled "
+                "(with none, no client could reach the model)"
+            )
+        return self
+
+
 class ServingSpec(_Model):
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
     max_queued_requests: Annotated[int, Field(ge=0, le=100000)] = 256
@@ -210,6 +262,7 @@ class LLMServiceSpec(_Model):
     api_key_secret_ref: ApiKeySecretRef | None = None
     cache: CacheSpec = Field(default_factory=CacheSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
     @field_validator("adapters")
     @classmethod

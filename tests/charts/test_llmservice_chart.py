@@ -19,6 +19,15 @@ VARIANTS = {
         "serving": {"maxBatchSize": 16},
         "extra": {"args": ["--log-requests"], "cache": {"claimName": "hf-cache"}},
     },
+    "network-policy": {
+        "networkPolicy": {
+            "enabled": True,
+            "ingressFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}},
+                {"podSelector": {}},
+            ],
+        },
+    },
     "cpu": {
         "model": {"source": "file:///models/demo/model"},
         "gpus": 0,
@@ -54,3 +63,31 @@ def test_values_schema_rejects_unknown_keys_and_bad_sources() -> None:
         chart.validate_schema({"gpu": 1})
     with pytest.raises(helm_python.HelmValuesError, match="source"):
         chart.validate_schema({"model": {"source": "s3://bucket/model"}})
+
+
+def test_network_policy_values_reach_the_spec_only_when_enabled() -> None:
+    (llmservice,) = render(LLMSERVICE_CHART, VARIANTS["network-policy"], namespace="ml", name="bot")
+    policy = parse_manifest(llmservice).spec.network_policy
+    assert policy.enabled
+    assert (
+        llmservice["spec"]["networkPolicy"]["ingressFrom"]
+        == VARIANTS["network-policy"]["networkPolicy"]["ingressFrom"]
+    )
+    off = {"networkPolicy": {"enabled": False, "ingressFrom": [{"podSelector": {}}]}}
+    (llmservice,) = render(LLMSERVICE_CHART, off, namespace="ml", name="bot")
+    assert "networkPolicy" not in llmservice["spec"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"networkPolicy": {"enabled": True}}, "ingressFrom': minItems"),
+        ({"networkPolicy": {"enabled": True, "ingressFrom": []}}, "ingressFrom': minItems"),
+        ({"networkPolicy": {"enabled": True, "ingressFrom": [{}]}}, "minProperties"),
+        ({"networkPolicy": {"enabled": True, "ingressFrom": [{"ipBlock": {}}]}}, "'ipBlock' not allowed"),
+    ],
+    ids=["no-peers", "empty-peers", "empty-peer", "unknown-peer"],
+)
+def test_values_schema_rejects_bad_network_policies(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=message):
+        helm_python.Chart.load(LLMSERVICE_CHART).validate_schema(values)

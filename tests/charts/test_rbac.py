@@ -1,8 +1,9 @@
 """The rendered RBAC allows every API call the operator makes, and nothing it does not make.
 
 The real operator runs against the emulator through a scenario that takes every code path that calls
-the API (create, drift repair, child deletion, autoscaling on and off, status, events); the emulator logs
-each call with its user agent, and the test's own calls are told apart by theirs.
+the API (create, drift repair, child deletion, autoscaling and the NetworkPolicy on and off, status,
+events); the emulator logs each call with its user agent, and the test's own calls are told apart by
+theirs.
 """
 
 import time
@@ -18,6 +19,7 @@ from tests.operator.harness import Cluster, eventually, running_operator
 TEST_AGENT = "rbac-test"
 VERBS = {"FETCH": "get", "LIST": "list", "WATCH": "watch", "CREATE": "create", "DELETE": "delete"}
 LLMS = "/apis/serving.llmservice.io/v1alpha1/namespaces/rbac/llmservices"
+NETWORK_POLICY = "/apis/networking.k8s.io/v1/namespaces/rbac/networkpolicies/bot"
 
 
 def verb(call: Call) -> str:
@@ -48,7 +50,11 @@ def operator_calls() -> set[tuple[str, str, str]]:
             def exists(path: str) -> bool:
                 return api.get(path).status_code == 200
 
-            spec = {"model": {"source": "hf://acme/llama"}, "autoscaling": {"maxReplicas": 3}}
+            spec = {
+                "model": {"source": "hf://acme/llama"},
+                "autoscaling": {"maxReplicas": 3},
+                "networkPolicy": {"enabled": True, "ingressFrom": [{"podSelector": {}}]},
+            }
             api.post(
                 LLMS,
                 json={
@@ -59,19 +65,21 @@ def operator_calls() -> set[tuple[str, str, str]]:
                 },
             ).raise_for_status()
             eventually(lambda: exists("/apis/policy/v1/namespaces/rbac/poddisruptionbudgets/bot"))
+            eventually(lambda: exists(NETWORK_POLICY))
             api.delete(
                 "/api/v1/namespaces/rbac/services/bot"
             ).raise_for_status()  # restored after an owner check
             eventually(lambda: exists("/api/v1/namespaces/rbac/services/bot"))
             api.patch(
                 f"{LLMS}/bot",
-                json={"spec": {"autoscaling": None, "replicas": 1}},
+                json={"spec": {"autoscaling": None, "replicas": 1, "networkPolicy": {"enabled": False}}},
                 headers={"Content-Type": "application/merge-patch+json"},
             ).raise_for_status()
             eventually(
                 lambda: not exists("/apis/autoscaling/v2/namespaces/rbac/horizontalpodautoscalers/bot")
             )
             eventually(lambda: not exists("/apis/policy/v1/namespaces/rbac/poddisruptionbudgets/bot"))
+            eventually(lambda: not exists(NETWORK_POLICY))
             time.sleep(0.5)
         assert cluster.emulator is not None
         return {

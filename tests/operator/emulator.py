@@ -8,16 +8,23 @@ already gone), so the operator runs against them as it would against a cluster.
 
 kmock also keeps every request for assertions and matches each new one against all of them, which is
 quadratic; this emulator forgets a request once answered (tests count calls in `calls` instead).
+
+`faults` (a FaultPlan, empty by default) makes it fail chosen requests and end watch streams.
 """
 
 import collections
 import datetime
 import itertools
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
+import aiohttp.web
 import kmock
 from kmock._internal import rendering
+from kmock._internal.k8s import KubernetesError
+
+from tests.operator.faults import EXPIRED, REASONS, FaultPlan, agent_of, client_of
 
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -51,6 +58,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.log: list[Call] = []  # every API call and who made it (for the RBAC check)
         # (method, resource plural, subresource) -> count; for request budgets in tests and benchmarks.
         self.calls: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.faults = FaultPlan()
 
     def writes(self) -> int:
         return sum(
@@ -121,6 +129,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     request.subresource or "",
                 )
             )
+            faulted = await self._fault(request, method)
+            if faulted is not None:
+                self._requests.remove(request)
+                return faulted
             if isinstance(request.data, dict):
                 creating = self._is_creating_apply(request)
                 self._stamp(request)
@@ -149,6 +161,51 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 if owners & self.deleted_uids:
                     await self._collect_garbage(owners & self.deleted_uids)
         return response
+
+    async def _fault(self, request: rendering.Request, method: str) -> aiohttp.web.StreamResponse | None:
+        """The error to answer instead of serving the request, if the fault plan says so."""
+        client = client_of(request)
+        if self.faults.is_dead(client):
+            # A killed operator: its process is gone, so nothing it still sends may change anything.
+            return await self._render_error(KubernetesError(503, "ServiceUnavailable", "client is dead"))
+        assert request.resource is not None
+        fault = self.faults.request_fault(client, agent_of(request), method, request.resource.plural or "")
+        if fault is None:
+            return None
+        reason, message = REASONS[fault.status]
+        response = await self._render_error(KubernetesError(fault.status, reason, message, {}))
+        if fault.status == 429:
+            response.headers["Retry-After"] = str(fault.retry_after)
+        return response
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
+        """kmock's watch, which the fault plan may end at a live event (after the replay of what exists)."""
+        client = client_of(request)
+        plural = request.resource.plural if request.resource is not None else ""
+        async with self._lock:
+            replayed = sum(
+                1
+                for (resource, _, _), obj in self._objects.items()
+                if resource == request.resource and not obj.deleted
+            )
+        sent = 0
+        async for event in super()._serve_watch(request):
+            if self.faults.is_dead(client):
+                return
+            if event and sent > replayed:
+                fault = self.faults.watch_fault(client, agent_of(request), plural)
+                if fault is not None:
+                    # 410: the event is lost, the client must list again (which shows the state, not
+                    # what happened: a deletion in between is never seen as an event). A dropped
+                    # stream loses nothing on a real server (the client resumes from its last
+                    # resourceVersion); kmock keeps no history, so the event goes out before the drop.
+                    if fault.expire:
+                        yield {"type": "ERROR", "object": EXPIRED}
+                    else:
+                        yield event
+                    return
+            sent += 1
+            yield event
 
     async def _render_error(self, exc: Exception) -> Any:
         # A real API server answers errors as plain application/json (clients match it exactly).

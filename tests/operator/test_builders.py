@@ -5,13 +5,15 @@ from typing import Any
 
 import pytest
 
-from llmservice_operator.builders import build_children
+from llmservice_operator.builders import ChildRef, build_children
 from llmservice_operator.builders.autoscaling import build_hpa, build_pdb, wants_pdb
 from llmservice_operator.builders.config import build_config_map, config_hash
 from llmservice_operator.builders.deployment import build_deployment
+from llmservice_operator.builders.network import build_network_policy, wants_network_policy
 from llmservice_operator.builders.service import build_service
 from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import LLMService, parse_spec
+from tests.charts.rendering import KUBE_VERSIONS, schema_errors
 
 SETTINGS = OperatorSettings(inference_image="registry.example/llm-server:1.0", hpa_metric_name="inflight")
 LABELS = {
@@ -291,10 +293,66 @@ class TestAutoscaling:
     def test_children_and_leftovers(self) -> None:
         fixed = build_children(service(replicas=1), SETTINGS)
         assert [child["kind"] for child in fixed.desired] == ["ConfigMap", "Service", "Deployment"]
-        assert [ref.kind for ref in fixed.absent] == ["HorizontalPodAutoscaler", "PodDisruptionBudget"]
+        assert [ref.kind for ref in fixed.absent] == [
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        ]
         scaled = build_children(service(autoscaling={"maxReplicas": 4}), SETTINGS)
         assert [child["kind"] for child in scaled.desired][-2:] == [
             "HorizontalPodAutoscaler",
             "PodDisruptionBudget",
         ]
-        assert scaled.absent == []
+        assert [ref.kind for ref in scaled.absent] == ["NetworkPolicy"]
+
+
+PEERS = [
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}},
+    {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "prometheus"},
+            "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["test"]}],
+        },
+    },
+    {"podSelector": {"matchExpressions": [{"key": "llm-client", "operator": "Exists"}]}},
+    {"podSelector": {}},
+]
+
+
+class TestNetworkPolicy:
+    def test_off_by_default_and_deleted_when_off(self) -> None:
+        assert wants_network_policy(service()) is False
+        children = build_children(service(networkPolicy={"enabled": False, "ingressFrom": PEERS}), SETTINGS)
+        assert "NetworkPolicy" not in [child["kind"] for child in children.desired]
+        assert ChildRef("networking.k8s.io/v1", "NetworkPolicy", "bot") in children.absent
+
+    def test_ingress_to_the_server_port_from_the_peers_only(self) -> None:
+        policy = build_network_policy(service(networkPolicy={"enabled": True, "ingressFrom": PEERS}))
+        assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+        assert policy["metadata"]["name"] == "bot"
+        assert policy["spec"] == {
+            "podSelector": {"matchLabels": SELECTOR},
+            "policyTypes": ["Ingress"],  # egress stays open: weights come from the hub
+            "ingress": [{"from": PEERS, "ports": [{"protocol": "TCP", "port": 8000}]}],
+        }
+
+    def test_is_a_child_like_the_others(self) -> None:
+        children = build_children(
+            service(networkPolicy={"enabled": True, "ingressFrom": PEERS[:1]}), SETTINGS
+        )
+        assert children.desired[-1]["kind"] == "NetworkPolicy"
+        assert "NetworkPolicy" not in [ref.kind for ref in children.absent]
+
+    def test_selects_the_pods_of_the_deployment(self) -> None:
+        svc = service(networkPolicy={"enabled": True, "ingressFrom": PEERS[:1]})
+        template_labels = build_deployment(svc, SETTINGS, build_config_map(svc))["spec"]["template"][
+            "metadata"
+        ]["labels"]
+        selector = build_network_policy(svc)["spec"]["podSelector"]["matchLabels"]
+        assert selector.items() <= template_labels.items()
+
+    @pytest.mark.parametrize("version", KUBE_VERSIONS)
+    def test_validates_against_the_kubernetes_schema(self, version: str) -> None:
+        policy = build_network_policy(service(networkPolicy={"enabled": True, "ingressFrom": PEERS}))
+        assert schema_errors(policy, version) is None

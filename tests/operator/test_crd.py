@@ -76,6 +76,31 @@ VALID = [
         id="resources",
     ),
     pytest.param(with_changes(MINIMAL, "metadata.name", "a" * 45), id="longest-name"),
+    pytest.param(
+        with_changes(
+            MINIMAL,
+            "spec.networkPolicy",
+            {
+                "enabled": True,
+                "ingressFrom": [
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}},
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {
+                            "matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]
+                        },
+                    },
+                    {"podSelector": {"matchExpressions": [{"key": "llm-client", "operator": "Exists"}]}},
+                ],
+            },
+        ),
+        id="network-policy",
+    ),
+    pytest.param(with_changes(MINIMAL, "spec.networkPolicy", {}), id="network-policy-off"),
+    pytest.param(
+        with_changes(MINIMAL, "spec.networkPolicy", {"enabled": False, "ingressFrom": []}),
+        id="network-policy-off-without-peers",
+    ),
 ]
 
 INVALID = [
@@ -161,6 +186,69 @@ INVALID = [
         "spec.serving.maxBatchSize",
         id="batch-size",
     ),
+    pytest.param(
+        with_changes(MINIMAL, "spec.networkPolicy", {"enabled": True}),
+        "must list at least one peer when enabled",
+        "spec.networkPolicy",
+        id="network-policy-no-peers",
+    ),
+    pytest.param(
+        with_changes(MINIMAL, "spec.networkPolicy", {"enabled": True, "ingressFrom": []}),
+        "must list at least one peer when enabled",
+        "spec.networkPolicy",
+        id="network-policy-empty-peers",
+    ),
+    pytest.param(
+        with_changes(MINIMAL, "spec.networkPolicy", {"enabled": True, "ingressFrom": [{}]}),
+        "needs a namespaceSelector, a podSelector or both",
+        "spec.networkPolicy.ingressFrom[0]",
+        id="network-policy-peer-without-selector",
+    ),
+    pytest.param(
+        with_changes(
+            MINIMAL,
+            "spec.networkPolicy",
+            {
+                "enabled": True,
+                "ingressFrom": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}],
+            },
+        ),
+        "In and NotIn need values",
+        "spec.networkPolicy.ingressFrom[0].podSelector.matchExpressions[0]",
+        id="network-policy-in-without-values",
+    ),
+    pytest.param(
+        with_changes(
+            MINIMAL,
+            "spec.networkPolicy",
+            {
+                "enabled": True,
+                "ingressFrom": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [{"key": "team", "operator": "Exists", "values": ["a"]}]
+                        }
+                    }
+                ],
+            },
+        ),
+        "Exists and DoesNotExist take none",
+        "spec.networkPolicy.ingressFrom[0].namespaceSelector.matchExpressions[0]",
+        id="network-policy-exists-with-values",
+    ),
+    pytest.param(
+        with_changes(
+            MINIMAL,
+            "spec.networkPolicy",
+            {
+                "enabled": True,
+                "ingressFrom": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}],
+            },
+        ),
+        "is not one of",
+        "spec.networkPolicy.ingressFrom[0].podSelector.matchExpressions[0].operator",
+        id="network-policy-operator",
+    ),
 ]
 
 
@@ -202,6 +290,7 @@ def test_crd_defaults_match_the_operator_defaults(crd: dict) -> None:
                     "serving": {},
                     "apiKeySecretRef": {"name": "k"},
                     "hfTokenSecretRef": {"name": "t"},
+                    "networkPolicy": {},
                 },
             )
         ),
@@ -222,6 +311,7 @@ def test_crd_defaults_match_the_operator_defaults(crd: dict) -> None:
     assert spec["apiKeySecretRef"]["key"] == parsed.api_key_secret_ref.key
     assert spec["hfTokenSecretRef"]["key"] == parsed.hf_token_secret_ref.key
     assert defaulted["spec"]["cache"]["sizeLimit"] == parsed.cache.size_limit
+    assert spec["networkPolicy"]["enabled"] == parsed.network_policy.enabled
 
 
 def test_operator_names_unknown_fields(crd: dict) -> None:

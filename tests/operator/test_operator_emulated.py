@@ -9,6 +9,7 @@ from lightkube.codecs import from_dict
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
 from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Service
+from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
 
@@ -17,6 +18,7 @@ from tests.operator.harness import Cluster, LLMServiceResource, RunningOperator,
 
 pytestmark = pytest.mark.usefixtures("operator")
 
+SELECTOR = {"app.kubernetes.io/name": "llmservice", "app.kubernetes.io/instance": "bot"}
 BASE_SPEC: dict[str, Any] = {
     "model": {"source": "hf://acme/tiny-llama", "revision": "v1"},
     "adapters": [{"name": "support", "source": "hf://acme/support-lora"}],
@@ -171,6 +173,46 @@ def test_children_deleted_or_edited_by_hand_are_restored(kube: Client, namespace
             == "registry.example/llm:1"
         )
     )
+
+
+def test_network_policy_follows_the_spec_and_is_restored(kube: Client, namespace: str) -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]
+    owner = create(kube, namespace, "bot", BASE_SPEC)
+    wait_for_children(kube, namespace, "bot")
+    assert absent(kube, NetworkPolicy, namespace, "bot"), "off unless asked for"
+
+    edit_spec(kube, namespace, "bot", {"networkPolicy": {"enabled": True, "ingressFrom": peers}})
+    policy = eventually(lambda: get(kube, NetworkPolicy, namespace, "bot"))
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": SELECTOR}
+    assert policy["spec"]["ingress"] == [{"from": peers, "ports": [{"protocol": "TCP", "port": 8000}]}]
+    assert eventually(
+        lambda: "Created NetworkPolicy bot" in {event["message"] for event in events(kube, namespace)}
+    )
+
+    kube.delete(NetworkPolicy, "bot", namespace=namespace)
+    assert eventually(lambda: get(kube, NetworkPolicy, namespace, "bot"))["spec"] == policy["spec"]
+
+    # A widened rule made by hand is put back.
+    kube.patch(
+        NetworkPolicy,
+        "bot",
+        {"spec": {"ingress": [{}]}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    eventually(lambda: get(kube, NetworkPolicy, namespace, "bot")["spec"]["ingress"][0].get("from") == peers)
+
+    edit_spec(kube, namespace, "bot", {"networkPolicy": {"enabled": False}})
+    eventually(lambda: absent(kube, NetworkPolicy, namespace, "bot"))
+    assert eventually(
+        lambda: [
+            e
+            for e in events(kube, namespace)
+            if e["reason"] == "Deleted" and e["message"].startswith("Deleted NetworkPolicy bot")
+        ]
+    )
+    assert get(kube, Deployment, namespace, "bot"), "the rest stays"
 
 
 def test_a_pass_with_nothing_to_change_writes_nothing(

@@ -55,7 +55,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["serving.llmservice.io"]
   resources: ["llmservices/status"]
   verbs: ["patch"]
-# Children: server-side apply (patch) creates and updates; HPA and PDB are deleted when the spec drops them.
+# Children: server-side apply (patch) creates and updates; HPA, PDB and NetworkPolicy are deleted when the
+# spec drops them.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["list", "watch", "patch"]
@@ -67,6 +68,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
+  verbs: ["list", "watch", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
   verbs: ["list", "watch", "patch", "delete"]
 # Pods: read-only, for status (Unschedulable, ImagePullBackOff, CrashLoopBackOff, termination messages).
 - apiGroups: [""]

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from llmservice_operator.builders.autoscaling import build_hpa, build_pdb, wants_pdb
 from llmservice_operator.builders.config import build_config_map
 from llmservice_operator.builders.deployment import build_deployment
+from llmservice_operator.builders.network import build_network_policy, wants_network_policy
 from llmservice_operator.builders.service import build_service
 from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import LLMService
@@ -41,6 +42,10 @@ def build_children(svc: LLMService, settings: OperatorSettings) -> Children:
         desired.append(build_pdb(svc))
     else:
         absent.append(ChildRef("policy/v1", "PodDisruptionBudget", svc.name))
+    if wants_network_policy(svc):
+        desired.append(build_network_policy(svc))
+    else:
+        absent.append(ChildRef("networking.k8s.io/v1", "NetworkPolicy", svc.name))
     return Children(desired=desired, absent=absent)
 
 
