@@ -5,6 +5,7 @@ the operator more than once in one process. There is no timer: kopf holds a fina
 timers, and deleting an LLMService must never wait for the operator.
 """
 
+import asyncio
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from llmservice_operator.k8s import ChildWriter
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import CHILD_INDEXES, LLMSERVICE_INDEX, POD_INDEX, Reconciler
 from llmservice_operator.requeue import Requeue
+from llmservice_operator.resync import list_ghosts, resync_forever
 from llmservice_operator.settings import OperatorSettings
 
 CHILD_RESOURCES = {
@@ -61,6 +63,7 @@ def build_registry(
     settings: OperatorSettings, metrics_registry: CollectorRegistry = REGISTRY
 ) -> tuple[kopf.OperatorRegistry, OperatorMetrics]:
     registry = kopf.OperatorRegistry()
+    operator_settings = settings  # the startup handler's `settings` argument is kopf's own
     metrics = OperatorMetrics(metrics_registry)
     reconciler = Reconciler(settings, metrics)
     requeue = Requeue()
@@ -71,7 +74,7 @@ def build_registry(
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
         # Progress and the diff base live in annotations: the CRD's structural schema prunes status.kopf.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -80,10 +83,36 @@ def build_registry(
         # kopf would post every handler success as an Event; the reconciler posts its own.
         settings.posting.level = logging.WARNING
         memo.writer = ChildWriter.from_environment(metrics.api_retries)
+        if operator_settings.resync_seconds > 0:
+            memo.resync = asyncio.create_task(resync(memo.writer, kwargs), name="resync")
+
+    async def resync(writer: ChildWriter, indexes: dict[str, Any]) -> None:
+        """kopf's indexes are live: those startup sees fill up as the watches run."""
+        api_versions = {
+            kind: f"{group}/{version}" if group else version
+            for kind, (group, version, _) in CHILD_RESOURCES.items()
+        }
+
+        async def repair(owner: tuple[str, str], gone: frozenset[tuple[str, str]]) -> None:
+            body = next(iter(indexes[LLMSERVICE_INDEX].get(owner, [])), None)
+            if body is not None:
+                await reconciler.reconcile(
+                    body=body, writer=writer, indexes=indexes, trigger="resync", gone=gone
+                )
+
+        await resync_forever(
+            operator_settings.resync_seconds,
+            lambda: list_ghosts(writer, indexes, CHILD_INDEXES, api_versions),
+            repair,
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def close(memo: kopf.Memo, **_: Any) -> None:
         await requeue.close()
+        task = memo.get("resync")
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         writer = memo.get("writer")
         if writer is not None:
             await writer.close()

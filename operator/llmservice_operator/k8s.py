@@ -23,7 +23,15 @@ from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
 from prometheus_client import Counter
 
-from llmservice_operator.constants import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION
+from llmservice_operator.constants import (
+    FIELD_MANAGER,
+    GROUP,
+    KIND,
+    LABEL_MANAGED_BY,
+    OPERATOR_NAME,
+    PLURAL,
+    VERSION,
+)
 
 LLMServiceResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
 
@@ -101,6 +109,18 @@ class ChildWriter:
                 return False
             raise
         return True
+
+    async def list_names(self, api_version: str, kind: str, namespace: str) -> set[str]:
+        """Names of the operator's children of `kind` in `namespace`, as the API server has them now."""
+        resource = RESOURCES[(api_version, kind)]
+
+        async def names() -> set[str]:
+            listed = self._client.list(
+                resource, namespace=namespace, labels={LABEL_MANAGED_BY: OPERATOR_NAME}
+            )
+            return {item.metadata.name async for item in listed}
+
+        return await self._retrying(names)
 
     async def owner_alive(self, namespace: str, name: str, uid: str) -> bool:
         """Whether the LLMService still exists (as the same object) before a child is recreated for it."""

@@ -48,14 +48,22 @@ class ClusterView:
     """Children and pods of one LLMService, as kopf's indexes last saw them (plus creations in flight)."""
 
     def __init__(
-        self, indexes: Mapping[str, Any], expectations: Expectations, namespace: str, owner: str
+        self,
+        indexes: Mapping[str, Any],
+        expectations: Expectations,
+        namespace: str,
+        owner: str,
+        gone: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self._indexes = indexes
+        self._gone = gone  # (kind, name) still indexed but known to be deleted (see resync.py)
         self._expectations = expectations
         self._namespace = namespace
         self._key = (namespace, owner)
 
     def child(self, kind: str, name: str) -> dict[str, Any] | None:
+        if (kind, name) in self._gone:
+            return None
         bodies: Iterable[dict[str, Any]] = self._indexes[CHILD_INDEXES[kind]].get(self._key, [])
         indexed = next((body for body in bodies if body["metadata"]["name"] == name), None)
         return indexed if indexed is not None else self._expectations.pending((kind, self._namespace, name))
@@ -92,14 +100,16 @@ class Reconciler:
         writer: ChildWriter,
         indexes: Mapping[str, Any],
         trigger: str,
+        gone: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
-        """`trigger` is "change" (the LLMService itself) or "child" (an event of a child or pod)."""
+        """`trigger` is "change" (the LLMService itself), "child" (an event of a child or pod) or "resync"
+        (children in `gone` were found deleted behind kopf's back)."""
         meta = body["metadata"]
         started = time.perf_counter()
         result = "error"
         try:
             async with self._locks[(meta["namespace"], meta["name"])]:
-                await self._reconcile(body, writer, indexes, trigger)
+                await self._reconcile(body, writer, indexes, trigger, gone)
             result = "ok"
         except kopf.PermanentError:
             result = "invalid"
@@ -123,11 +133,12 @@ class Reconciler:
         writer: ChildWriter,
         indexes: Mapping[str, Any],
         trigger: str,
+        gone: frozenset[tuple[str, str]],
     ) -> None:
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         generation = meta.get("generation")
-        view = ClusterView(indexes, self.expectations, namespace, name)
+        view = ClusterView(indexes, self.expectations, namespace, name, gone)
         try:
             check_name(name)
             spec = parse_spec(dict(body.get("spec") or {}))
@@ -138,7 +149,7 @@ class Reconciler:
             )
             await self._write_status(body, writer, observation)
             # Children stay as the last valid spec left them: nothing is half-applied.
-            if trigger == "child":
+            if trigger != "change":
                 return
             raise kopf.PermanentError(str(error)) from None
 
@@ -146,7 +157,7 @@ class Reconciler:
             name=name, namespace=namespace, spec=spec, uid=meta.get("uid"), generation=generation
         )
         try:
-            if not await self._apply_children(body, svc, view, writer, confirm_owner=trigger == "child"):
+            if not await self._apply_children(body, svc, view, writer, confirm_owner=trigger != "change"):
                 return
         except ApiError as error:
             self._metrics.errors.labels("ApplyFailed").inc()

@@ -24,6 +24,12 @@ class OperatorSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning"] = "info"
     metrics_port: int = Field(8080, description="Port of the Prometheus /metrics endpoint; 0 turns it off.")
     cluster_domain: str = "cluster.local"
+    resync_seconds: float = Field(
+        300,
+        ge=0,
+        description="How often children are listed from the API server to find those deleted while a "
+        "watch was down (kopf keeps them in its index after a 410); 0 turns it off.",
+    )
 
     @field_validator("watch_namespaces", mode="before")
     @classmethod

@@ -80,3 +80,19 @@ def test_contains_compares_quantities_by_value_only_where_both_are_quantities() 
     assert not contains({"memory": "1Gi"}, {"memory": "1G"})
     assert not contains({"image": "llm:1"}, {"image": "llm:2"})
     assert not contains({"enabled": False}, {"enabled": True})
+
+
+def test_ghosts_are_indexed_children_the_api_server_no_longer_has() -> None:
+    from llmservice_operator.resync import find_ghosts
+
+    indexed = {
+        ("ml", "bot"): [{"metadata": {"name": "bot"}}],
+        ("ml", "other"): [{"metadata": {"name": "other"}}],
+        ("dev", "bot"): [{"metadata": {"name": "bot"}}],
+    }
+    live = {("ml", "other"), ("dev", "unrelated")}
+    assert find_ghosts("Service", indexed, live) == {
+        ("ml", "bot"): frozenset({("Service", "bot")}),
+        ("dev", "bot"): frozenset({("Service", "bot")}),
+    }
+    assert find_ghosts("Service", indexed, {("ml", "bot"), ("ml", "other"), ("dev", "bot")}) == {}

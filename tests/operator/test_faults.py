@@ -83,9 +83,9 @@ def test_converges_under_faults(
         kube.delete(LLMServiceResource, f"svc-{count - 1}", namespace=namespace)
         wait_converged(kube, namespace, timeout=60)
         elapsed = time.monotonic() - started
-        # A child deleted by hand comes back even when the first attempts to restore it fail. Not
-        # while watches expire: kopf lists again after a 410 but never learns of an object deleted in
-        # between, so its index keeps the Service and nothing recreates it (a known gap of kopf).
+        # A child deleted by hand comes back even when the first attempts to restore it fail. Watches
+        # stop expiring first: a deletion lost to a 410 is repaired by the periodic resync instead (see
+        # test_a_child_deleted_while_its_watch_expired_is_recreated_by_the_resync).
         faults.keep_watches()
         kube.delete(Service, "svc-1", namespace=namespace)
         restored = wait_converged(kube, namespace, timeout=60)
@@ -177,3 +177,27 @@ def test_many_llmservices_created_at_once_converge_under_every_fault(
     result = many_at_once(cluster, namespace, 40, faults, clients)
     assert faults.total() > 0
     figure(f"40 LLMServices at once under every fault: {result}")
+
+
+def test_a_child_deleted_while_its_watch_expired_is_recreated_by_the_resync(
+    cluster: Cluster,
+    kube: Client,
+    namespace: str,
+    faults: FaultPlan,
+    figure,  # type: ignore[no-untyped-def]
+) -> None:
+    """The deletion's event is lost to a 410; kopf lists again but keeps the Service in its index."""
+    operator = start_operator(cluster, resync_seconds=1)
+    try:
+        create(kube, namespace, "bot", varied_spec(1))
+        wait_converged(kube, namespace, timeout=30)
+        faults.end_watches(WatchFault(rate=1.0, expire=True, limit=1))  # the next live event: the deletion
+        kube.delete(Service, "bot", namespace=namespace)
+        restored = wait_converged(kube, namespace, timeout=30)
+        assert faults.summary() == {"watch-410 kopf": 1}
+    finally:
+        operator.stop()
+    assert operator.error is None
+    figure(
+        f"Service deleted while its watch expired (410): recreated by the 1 s resync after {restored:.2f} s"
+    )
