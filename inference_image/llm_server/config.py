@@ -32,7 +32,7 @@ class ServerSettings(BaseSettings):
         None,
         ge=1,
         description="Prompt tokens prefilled in one step (always at least one request); "
-        "default: 2048 on a GPU, one request per step on a CPU.",
+        "default: 2048 on a GPU, 8 per running request on a CPU.",
     )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(

@@ -137,12 +137,21 @@ class Batch:
         del self.sequences[self.cache.rows :]
 
 
-def default_prefill_tokens(device: torch.device) -> int:
-    """Prompt tokens one step may prefill (one request always fits). A GPU prefills thousands of tokens in
-    about the time of one decoding step, so newcomers join together (vLLM's default budget is 2048). On a
-    CPU prefill is compute-bound: prefilling k prompts together takes k times as long and gives all k their
-    first token at the end, so one prompt per step gives the same throughput and earlier first tokens."""
-    return 2048 if device.type == "cuda" else 1
+GPU_PREFILL_TOKENS = 2048  # vLLM's default per-step budget: a GPU prefills that in about one decoding step
+CPU_PREFILL_TOKENS_PER_ROW = 8
+
+
+def prefill_budget(device: torch.device, running: int) -> int:
+    """Prompt tokens one step may prefill by default (one request always fits).
+
+    On a CPU prefill is compute-bound: prompts prefilled together all wait for the last one's tokens, and
+    the step's decoding waits for them all. With few requests running, time to first token matters most:
+    about one prompt per step. With many, batching a few prompts uses the CPU better (measured with
+    64-token prompts: +10-15% tokens/s at 32 streams). The budget grows with the rows whose decoding a
+    prefill holds up, so a step's pause stays in proportion to the step."""
+    if device.type == "cuda":
+        return GPU_PREFILL_TOKENS
+    return CPU_PREFILL_TOKENS_PER_ROW * running
 
 
 class BatchingEngine:
@@ -160,7 +169,7 @@ class BatchingEngine:
         self._max_batch_size = max_batch_size
         self._max_queued = max_queued
         self._max_batch_tokens = max_batch_tokens
-        self._max_prefill_tokens = max_prefill_tokens or default_prefill_tokens(loaded.device)
+        self._max_prefill_tokens = max_prefill_tokens  # None: prefill_budget()
         self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
@@ -299,13 +308,14 @@ class BatchingEngine:
                 sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
             )
             prefill = 0
+            budget = self._max_prefill_tokens or prefill_budget(self._loaded.device, len(self._batch))
             while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
                 job = self._waiting[0]
                 prompt = len(job.prompt.token_ids)
                 wanted = prompt + job.params.max_tokens
                 if (self._batch or admitted) and in_use + wanted > self._max_batch_tokens:
                     break  # waits for a finishing request to free cache room
-                if admitted and prefill + prompt > self._max_prefill_tokens:
+                if admitted and prefill + prompt > budget:
                     break  # joins at the next step: running streams only pause for a bounded prefill
                 self._waiting.pop(0)
                 if not job.cancelled.is_set():
