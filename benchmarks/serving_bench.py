@@ -384,6 +384,8 @@ ignored, streamed over HTTP (`/v1/completions`), closed-loop clients.
 Offline on the same 32 prompts: {json.dumps(report["offline"])}
 
 Ratios: {json.dumps(report["ratios"])}
+
+Where the time goes, and why a target is missed when one is: `docs/performance.md`.
 """
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
