@@ -1,12 +1,15 @@
 """The batching engine against `model.generate` run alone: greedy, float32, CPU, token for token."""
 
 import asyncio
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.batching import BatchingEngine
 from llm_server.engine.interface import Delta, Prompt, QueueFull, SamplingParams
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model
@@ -33,11 +36,22 @@ def engine(loaded: LoadedModel):  # type: ignore[no-untyped-def]
     engine.shutdown()
 
 
+@contextlib.contextmanager
+def transformers_sdpa(loaded: LoadedModel) -> Iterator[None]:
+    """transformers' own attention, not the engine's (attention.py), for the reference."""
+    model = loaded.model.get_base_model() if loaded.has_peft else loaded.model
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(SLOT_ATTENTION)
+
+
 def reference(loaded: LoadedModel, prompt: Prompt, max_tokens: int) -> list[int]:
-    """What the model makes for this prompt alone: transformers' own generate, greedy."""
+    """What the model makes for this prompt alone: transformers' own generate and attention, greedy."""
     ids = torch.tensor([prompt.token_ids])
     adapter = prompt.model if prompt.model in loaded.adapters else BASE_ADAPTER
-    with torch.inference_mode():
+    with torch.inference_mode(), transformers_sdpa(loaded):
         out = loaded.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -1,28 +1,31 @@
-"""Continuous batching: every decoding step runs all active requests together, whatever their adapter.
+"""Continuous batching: every step runs all active requests together, whatever their adapter.
 
-A request joins at the next step (after its own prefill), and leaves the batch the moment it finishes,
-hits a stop string, runs out of tokens or its client goes away; its rows of the KV cache go with it.
-Rows are left-padded to a common length in one preallocated cache (slots.py), each with its own mask and
-positions; at most LLM_MAX_PREFILL_TOKENS of prompt are prefilled per step. peft picks
-each row's LoRA adapter (or none) in the same forward pass. One worker thread runs the model; the event
-loop only receives deltas (call_soon_threadsafe).
+A request joins at the next step: its prompt is prefilled in the same forward that decodes the running
+requests (attention.py), and its first token comes out of that step. It leaves the batch the moment it
+finishes, hits a stop string, runs out of tokens or its client goes away; its row of the KV cache goes
+with it. Rows end at a common column of one preallocated cache (slots.py), each with its own mask and
+positions; at most LLM_MAX_PREFILL_TOKENS of prompt join per step. peft picks each token's LoRA adapter
+(or none) in the same forward pass. One worker thread runs the model; the event loop only receives
+deltas (call_soon_threadsafe).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from llm_server.engine.attention import StepPlan
 from llm_server.engine.detokenizer import IncrementalDetokenizer
 from llm_server.engine.interface import (
     AdapterError,
@@ -35,7 +38,7 @@ from llm_server.engine.interface import (
     UnknownModel,
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
-from llm_server.engine.sampling import GREEDY_BELOW, make_generator, sample
+from llm_server.engine.sampling import make_generator, sample_rows
 from llm_server.engine.slots import SlotCache
 from llm_server.engine.stops import StopMatcher
 
@@ -114,27 +117,46 @@ class Sequence:
 class Batch:
     """The running sequences, row for row with their KV cache (see slots.py)."""
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(self, cache: SlotCache) -> None:
         self.sequences: list[Sequence] = []
-        self.cache: SlotCache | None = None
-        self._max_rows = max_rows
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def add(self, sequences: list[Sequence], prefill: DynamicCache, mask: torch.Tensor) -> None:
-        """Appends prefilled rows (left-padded, `mask` marks their real tokens)."""
-        if self.cache is None:
-            self.cache = SlotCache(prefill, self._max_rows)
-        self.cache.append(prefill, mask)
-        self.sequences.extend(sequences)
+    def plan(self, newcomers: list[Sequence]) -> StepPlan:
+        """The next step: every sequence decodes, newcomers (appended as new rows) prefill their prompts."""
+        plan = self.cache.plan([len(sequence.job.prompt.token_ids) for sequence in newcomers])
+        self.sequences.extend(newcomers)
+        return plan
 
     def remove(self, finished: list[Sequence]) -> None:
-        assert self.cache is not None
         rows = [row for row, sequence in enumerate(self.sequences) if sequence in finished]
         for source, target in self.cache.remove(rows):
             self.sequences[target] = self.sequences[source]
         del self.sequences[self.cache.rows :]
+
+    def clear(self) -> None:
+        self.sequences.clear()
+        self.cache.clear()
+
+
+@contextlib.contextmanager
+def logits_only_for(model: Any, rows: list[int]) -> Iterator[None]:
+    """The output layer sees only `rows` of the step's tokens: a prompt needs its last token's logits, and
+    computing them for every prompt token would cost a vocabulary-wide matmul per token (128k wide on
+    Llama 3). peft's per-row adapter names would no longer line up with the rows of an adapted output
+    layer, so one of those is left whole (its logits are picked afterwards)."""
+    head = model.get_output_embeddings()
+    if head is None or isinstance(head, BaseTunerLayer):
+        yield
+        return
+    index = torch.tensor(rows, device=head.weight.device)
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].index_select(0, index), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 GPU_PREFILL_TOKENS = 2048  # vLLM's default per-step budget: a GPU prefills that in about one decoding step
@@ -174,7 +196,7 @@ class BatchingEngine:
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
         self._wakeup: queue.Queue[None] = queue.Queue()
-        self._batch = Batch(max_batch_size)
+        self._batch = Batch(SlotCache(loaded.model.config.num_hidden_layers, max_batch_size, loaded.device))
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
         self._generated_tokens = 0
         self._stopping = False
@@ -272,11 +294,10 @@ class BatchingEngine:
                 continue
             try:
                 with self._model_lock, torch.inference_mode():
-                    if self._admit():
-                        self._flush()  # newcomers' first tokens go out now, not after the next step
                     self._drop_cancelled()
-                    if self._batch:
-                        self._step()
+                    newcomers = self._admit()
+                    if self._batch or newcomers:
+                        self._step(newcomers)
             except Exception as error:  # a failure fails the requests in the batch, not the worker
                 logger.exception("decoding step failed")
                 self._fail_all(error)
@@ -299,9 +320,9 @@ class BatchingEngine:
                 for job, _ in items:
                     job.cancelled.set()
 
-    def _admit(self) -> bool:
-        """Moves waiting requests into the batch while slots and the token budget allow; one prefill.
-        True when requests were admitted."""
+    def _admit(self) -> list[Sequence]:
+        """Takes waiting requests into the next step while slots, the cache budget and the step's prefill
+        budget allow."""
         admitted: list[Job] = []
         with self._lock:
             in_use = sum(
@@ -322,96 +343,62 @@ class BatchingEngine:
                     admitted.append(job)
                     in_use += wanted
                     prefill += prompt
-        if not admitted:
-            return False
-        try:
-            self._prefill(admitted)
-        except Exception as error:
-            logger.exception("prefill failed")
-            for job in admitted:
-                job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
-        return True
-
-    def _prefill(self, jobs: list[Job]) -> None:
-        """One forward over the new prompts, left-padded together, each with its own adapter."""
-        loaded = self._loaded
-        device = loaded.device
-        width = max(len(job.prompt.token_ids) for job in jobs)
-        pad = loaded.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(jobs), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long, device=device)
-        for row, job in enumerate(jobs):
-            length = len(job.prompt.token_ids)
-            input_ids[row, width - length :] = torch.tensor(job.prompt.token_ids, device=device)
-            mask[row, width - length :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        adapters = [self._adapter_for(job.prompt.model) for job in jobs]
-        selection: dict[str, Any] = {}
-        if loaded.has_peft:
-            selection["adapter_names"] = [adapter or BASE_ADAPTER for adapter in adapters]
-        output = loaded.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=DynamicCache(),
-            use_cache=True,
-            **selection,
-        )
-        sequences = [
-            Sequence(
-                job=job,
-                adapter=adapter,
-                generator=make_generator(job.params, device),
-                detokenizer=IncrementalDetokenizer(loaded.tokenizer),
-                stops=StopMatcher(job.params.stop),
-                length=len(job.prompt.token_ids),
-                next_token=0,
+        newcomers = []
+        for job in admitted:
+            try:
+                adapter = self._adapter_for(job.prompt.model)
+            except UnknownModel as error:  # its adapter was unloaded while it waited
+                job.emit(error)
+                continue
+            newcomers.append(
+                Sequence(
+                    job=job,
+                    adapter=adapter,
+                    generator=make_generator(job.params, self._loaded.device),
+                    detokenizer=IncrementalDetokenizer(self._loaded.tokenizer),
+                    stops=StopMatcher(job.params.stop),
+                    length=len(job.prompt.token_ids),
+                    next_token=0,  # sampled by the step that prefills it
+                )
             )
-            for job, adapter in zip(jobs, adapters, strict=True)
-        ]
-        for sequence, token in zip(sequences, self._sample(output.logits[:, -1], sequences), strict=True):
-            sequence.next_token = token
-        with self._lock:
-            self._batch.add(sequences, output.past_key_values, mask)
-        finished = [sequence for sequence in sequences if self._emit(sequence)]
-        if finished:
-            self._retire(finished)
+        return newcomers
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-        """Greedy rows in one argmax; sampled rows one by one, each with its own generator."""
-        greedy = logits.argmax(dim=-1).tolist()
-        return [
-            token
-            if sequence.job.params.temperature < GREEDY_BELOW
-            else sample(logits[row], sequence.job.params, sequence.generator)
-            for row, (token, sequence) in enumerate(zip(greedy, sequences, strict=True))
-        ]
-
-    def _step(self) -> None:
-        """One decoding step for every sequence in the batch."""
+    def _step(self, newcomers: list[Sequence]) -> None:
+        """One forward: every running sequence decodes its pending token, every newcomer prefills its
+        prompt; each then samples its next token from its last position."""
         loaded, batch = self._loaded, self._batch
-        assert batch.cache is not None
+        decoding = list(batch.sequences)
+        with self._lock:
+            plan = batch.plan(newcomers)  # from here on a failure fails newcomers too (_fail_all)
+        tokens = [sequence.next_token for sequence in decoding]
+        positions = [sequence.length for sequence in decoding]
+        adapters = [sequence.adapter or BASE_ADAPTER for sequence in decoding]
+        for sequence in newcomers:
+            prompt = sequence.job.prompt.token_ids
+            tokens += prompt
+            positions += range(len(prompt))
+            adapters += [sequence.adapter or BASE_ADAPTER] * len(prompt)
+        selection = loaded.rows.selecting(adapters) if loaded.has_peft else contextlib.nullcontext()
         device = loaded.device
-        input_ids = torch.tensor([[sequence.next_token] for sequence in batch.sequences], device=device)
-        positions = torch.tensor([[sequence.length] for sequence in batch.sequences], device=device)
-        selection: dict[str, Any] = {}
-        if loaded.has_peft:
-            selection["adapter_names"] = [sequence.adapter or BASE_ADAPTER for sequence in batch.sequences]
-        output = loaded.model(
-            input_ids=input_ids,
-            attention_mask=batch.cache.step_mask(),
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-            **selection,
-        )
+        with selection, logits_only_for(loaded.model, plan.last_tokens()):
+            output = loaded.model(
+                input_ids=torch.tensor(tokens, device=device)[:, None],
+                attention_mask=plan.decode_mask,  # 4D: transformers builds no mask of its own
+                position_ids=torch.tensor(positions, device=device)[:, None],
+                past_key_values=batch.cache,
+                use_cache=True,
+                slot_step=plan,
+            )
         batch.cache.advance()
-        finished = []
-        for sequence, token in zip(
-            batch.sequences, self._sample(output.logits[:, -1], batch.sequences), strict=True
-        ):
+        logits = output.logits[:, -1]
+        if logits.shape[0] != len(decoding) + len(newcomers):  # an adapted output layer computed them all
+            logits = logits[plan.last_tokens()]
+        for sequence in decoding:
             sequence.length += 1
+        stepped = decoding + newcomers
+        finished = []
+        params, generators = [s.job.params for s in stepped], [s.generator for s in stepped]
+        for sequence, token in zip(stepped, sample_rows(logits, params, generators), strict=True):
             sequence.next_token = token
             if self._emit(sequence):
                 finished.append(sequence)
@@ -449,10 +436,12 @@ class BatchingEngine:
             self._batch.remove(sequences)
 
     def _fail_all(self, error: Exception) -> None:
-        failed = list(self._batch.sequences)
+        """A failed step may have written part of its cache: every request in it fails, the cache restarts."""
+        with self._lock:
+            failed = list(self._batch.sequences)
+            self._batch.clear()
         for sequence in failed:
             sequence.job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
-        self._retire(failed)
 
     # -- adapters at run time -----------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str) -> None:

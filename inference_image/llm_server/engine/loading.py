@@ -11,7 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.interface import AdapterError
+from llm_server.engine.row_adapters import RowAdapters
 
 logger = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in per-row adapter selection
@@ -24,6 +26,7 @@ class LoadedModel:
     device: torch.device
     max_model_len: int
     adapters: dict[str, str]
+    rows: RowAdapters = dataclasses.field(default_factory=RowAdapters)  # per-row adapter choice
 
     @property
     def has_peft(self) -> bool:
@@ -53,7 +56,10 @@ def load_model(
     # Several GPUs in the pod: spread the layers with accelerate; otherwise one device.
     spread = target.type == "cuda" and torch.cuda.device_count() > 1
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype, attn_implementation="sdpa", device_map="auto" if spread else None
+        model_dir,
+        dtype=torch_dtype,
+        attn_implementation=SLOT_ATTENTION,  # transformers' SDPA, plus the engine's mixed steps
+        device_map="auto" if spread else None,
     )
     if not spread:
         model.to(target)
@@ -88,6 +94,7 @@ def attach_adapter(loaded: LoadedModel, name: str, path: str) -> None:
     except Exception as error:  # peft raises many kinds (shape mismatch, missing keys, bad config)
         raise AdapterError(f"adapter {name!r} failed to load from {path}: {error}") from error
     loaded.adapters[name] = path
+    loaded.rows.attach(loaded.model)
 
 
 def detach_adapter(loaded: LoadedModel, name: str) -> None:
@@ -99,3 +106,4 @@ def detach_adapter(loaded: LoadedModel, name: str) -> None:
     else:
         loaded.model.delete_adapter(name)
     del loaded.adapters[name]
+    loaded.rows.attach(loaded.model)

@@ -2,27 +2,30 @@
 
 transformers' DynamicCache grows by concatenation: every decoding step copies the whole cache of every
 layer, and adding or removing a request rebuilds it. Here each layer keeps one buffer per keys and values,
-(rows, heads, capacity, head_dim): a row per request, columns shared by all rows. Rows are left-padded to
-a common end, so a step writes one column for all rows at once and attends over the used region
-[start, end). A request joins by copying its prefill into a free row; one leaving hands its row to the
-last row (one row copied, order does not matter); columns that only padding uses are dropped by moving
-`start`. The buffers grow by doubling and the region is moved to the left edge when it reaches the end,
-so copies are rare and every step's cost is the model's.
+(rows, heads, capacity, head_dim): a row per request, columns shared by all rows. Rows end at a common
+column: a step writes the next column for every decoding row and a newcomer's whole prompt into the
+columns that end there (attention.py's plan says which token goes where), and attention reads the used
+region [start, end). One leaving hands its row to the last row (one row copied, order does not matter);
+columns that only padding uses are dropped by moving `start`. The buffers grow by doubling and the region
+is moved to the left edge when it reaches the end, so copies are rare and every step's cost is the model's.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from llm_server.engine.attention import Prefill, StepPlan
 
 
 class _Region:
-    """The rows in use and the columns [start, end) they span; shared by all layers of one cache."""
+    """The rows in use, the columns [start, end) they span and the step being written; shared by layers."""
 
     def __init__(self) -> None:
         self.rows = 0
         self.start = 0
         self.end = 0
+        self.step: StepPlan | None = None
 
     @property
     def width(self) -> int:
@@ -30,26 +33,48 @@ class _Region:
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values; `update` writes the step's columns in place and returns views."""
+    """One layer's keys and values; `update` writes the step's tokens in place and returns the region."""
 
     is_sliding = False
 
-    def __init__(self, region: _Region, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, cache: SlotCache) -> None:
         super().__init__()
-        self.region, self.keys, self.values = region, keys, values
+        self.cache, self.region = cache, cache.region
+        self.keys: torch.Tensor | None = None  # allocated on the first write: its shape comes from the model
+        self.values: torch.Tensor | None = None
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise AssertionError("slot layers are allocated up front")
+        raise AssertionError("slot layers allocate in update")
+
+    def allocate(self, rows: int, columns: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        # Zeros, not empty: padded columns are masked out, but NaN garbage would still poison softmax.
+        size = (rows, heads, columns, head_dim)
+        self.keys = torch.zeros(size, dtype=dtype, device=self.cache.device)
+        self.values = torch.zeros(size, dtype=dtype, device=self.cache.device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        region = self.region
-        rows, start, end, new = region.rows, region.start, region.end, key_states.shape[2]
-        self.keys[:rows, :, end : end + new] = key_states
-        self.values[:rows, :, end : end + new] = value_states
-        return self.keys[:rows, :, start : end + new], self.values[:rows, :, start : end + new]
+        """key_states: (tokens, heads, 1, head_dim), the step's tokens in its plan's order."""
+        region, step = self.region, self.region.step
+        assert step is not None, "a slot cache is written through a step plan"
+        if self.keys is None:
+            rows, columns = self.cache.capacity
+            _, heads, _, head_dim = key_states.shape
+            self.allocate(rows, columns, heads, head_dim, key_states.dtype)
+        assert self.keys is not None and self.values is not None
+        column, decoding = region.end, step.decoding
+        if decoding:
+            self.keys[:decoding, :, column] = key_states[:decoding, :, 0]
+            self.values[:decoding, :, column] = value_states[:decoding, :, 0]
+        for prefill in step.prefills:
+            tokens = slice(prefill.offset, prefill.offset + prefill.length)
+            columns = slice(column + 1 - prefill.length, column + 1)
+            self.keys[prefill.row, :, columns] = key_states[tokens, :, 0].transpose(0, 1)
+            self.values[prefill.row, :, columns] = value_states[tokens, :, 0].transpose(0, 1)
+        used = slice(region.start, column + 1)
+        return self.keys[: region.rows, :, used], self.values[: region.rows, :, used]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.region.width + query_length, 0
@@ -62,27 +87,14 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """The batch's cache and attention mask (1 for real tokens); the engine owns row order."""
+    """The batch's cache and attention mask (True for real tokens); the engine owns row order."""
 
-    def __init__(self, like: DynamicCache, max_rows: int) -> None:
+    def __init__(self, num_layers: int, max_rows: int, device: torch.device) -> None:
         self.region = _Region()
         self.max_rows = max_rows
-        first = like.layers[0].keys
-        self.device = first.device
-        # Per layer (heads, head_dim, dtype): models may differ between layers.
-        self._shapes = [(layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype) for layer in like.layers]
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-        super().__init__(layers=[self._layer(0, 0, shape) for shape in self._shapes])
-
-    def _layer(self, rows: int, columns: int, shape: tuple[int, int, torch.dtype]) -> SlotLayer:
-        heads, head_dim, dtype = shape
-        size = (rows, heads, columns, head_dim)
-        # Zeros, not empty: padded columns are masked out, but NaN garbage would still poison softmax.
-        return SlotLayer(
-            self.region,
-            torch.zeros(size, dtype=dtype, device=self.device),
-            torch.zeros(size, dtype=dtype, device=self.device),
-        )
+        self.device = device
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     @property
     def rows(self) -> int:
@@ -92,36 +104,41 @@ class SlotCache(Cache):
     def width(self) -> int:
         return self.region.width
 
-    # -- a decoding step ----------------------------------------------------------------------------
-    def step_mask(self) -> torch.Tensor:
-        """Makes room for one more column and returns the attention mask including it."""
-        self._make_room(self.region.width, 1, self.region.rows)
-        region = self.region
-        self.mask[: region.rows, region.end] = 1
-        return self.mask[: region.rows, region.start : region.end + 1]
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.mask.shape[0], self.mask.shape[1]
 
-    def advance(self, columns: int = 1) -> None:
-        """Called after the forward that wrote `columns` new positions for every row."""
-        self.region.end += columns
+    # -- a step -------------------------------------------------------------------------------------
+    def plan(self, prompt_lengths: list[int]) -> StepPlan:
+        """Adds a row per prompt after the decoding rows, makes room for the step's column and returns
+        the plan the forward writes and attends by; `advance` once that forward is done."""
+        region = self.region
+        decoding, longest = region.rows, max(prompt_lengths, default=1)
+        # A prompt's last token shares the step's column with the decoding rows; the rest lie before it.
+        self._make_room(max(region.width, longest - 1), 1, decoding + len(prompt_lengths))
+        region = self.region
+        column = region.end
+        if column + 1 - longest < region.start:  # older rows gain padding on the left: masked out
+            self.mask[:decoding, column + 1 - longest : region.start] = False
+            region.start = column + 1 - longest
+        self.mask[:decoding, column] = True
+        prefills, offset = [], decoding
+        for row, length in enumerate(prompt_lengths, start=decoding):
+            self.mask[row, region.start : column + 1 - length] = False
+            self.mask[row, column + 1 - length : column + 1] = True
+            prefills.append(Prefill(row, offset, length))
+            offset += length
+        region.rows = decoding + len(prompt_lengths)
+        decode_mask = self.mask[:decoding, region.start : column + 1][:, None, None, :]
+        region.step = StepPlan(decoding, tuple(prefills), decode_mask)
+        return region.step
+
+    def advance(self) -> None:
+        """Called after the forward that wrote the planned step."""
+        self.region.end += 1
+        self.region.step = None
 
     # -- membership ---------------------------------------------------------------------------------
-    def append(self, prefill: DynamicCache, mask: torch.Tensor) -> None:
-        """Adds the rows of a prefill (left-padded; `mask` marks their real tokens) after the current ones."""
-        added, length = mask.shape
-        region = self.region
-        self._make_room(max(region.width, length), 0, region.rows + added)
-        region = self.region
-        if length > region.width:  # older rows gain padding on the left: it must be masked out
-            self.mask[: region.rows, region.end - length : region.start] = 0
-            region.start = region.end - length
-        first, last, left = region.rows, region.rows + added, region.end - length
-        for layer, new in zip(self.layers, prefill.layers, strict=True):
-            layer.keys[first:last, :, left : region.end] = new.keys
-            layer.values[first:last, :, left : region.end] = new.values
-        self.mask[first:last, region.start : left] = 0
-        self.mask[first:last, left : region.end] = mask
-        region.rows = last
-
     def remove(self, rows: list[int]) -> list[tuple[int, int]]:
         """Frees `rows`; returns the (from, to) moves the caller must mirror in its own row order."""
         region = self.region
@@ -133,25 +150,35 @@ class SlotCache(Cache):
                 moves.append((last, row))
             region.rows = last
         if region.rows == 0:
-            region.start = region.end = 0
+            self.clear()
         else:
             used = self.mask[: region.rows, region.start : region.end].any(dim=0)
             region.start += int(torch.nonzero(used)[0].item())  # drop columns only padding uses
         return moves
 
+    def clear(self) -> None:
+        self.region.rows = self.region.start = self.region.end = 0
+        self.region.step = None
+
     def _copy_row(self, source: int, target: int) -> None:
         start, end = self.region.start, self.region.end
-        for layer in self.layers:
+        for layer in self._allocated():
             layer.keys[target, :, start:end] = layer.keys[source, :, start:end]
             layer.values[target, :, start:end] = layer.values[source, :, start:end]
         self.mask[target, start:end] = self.mask[source, start:end]
+
+    def _allocated(self) -> list[SlotLayer]:
+        return [layer for layer in self.layers if layer.keys is not None]  # type: ignore[union-attr]
 
     # -- capacity -----------------------------------------------------------------------------------
     def _make_room(self, left: int, right: int, rows: int) -> None:
         """Ensures `left` columns before `end`, `right` after it and `rows` rows; moves or grows rarely."""
         region = self.region
-        columns, row_capacity = self.mask.shape[1], self.mask.shape[0]
+        row_capacity, columns = self.capacity
         if region.end - left >= 0 and region.end + right <= columns and rows <= row_capacity:
+            return
+        if region.rows == 0 and left + right <= columns and rows <= row_capacity:
+            region.start = region.end = left  # nothing to keep: start over at the left edge
             return
         new_rows = row_capacity if rows <= row_capacity else min(max(rows, 2 * row_capacity), self.max_rows)
         new_rows = max(new_rows, rows)
@@ -160,12 +187,14 @@ class SlotCache(Cache):
         new_end = left
         new_start = new_end - region.width
         old_start, old_end, used = region.start, region.end, region.rows
-        for index, (layer, shape) in enumerate(zip(self.layers, self._shapes, strict=True)):
-            fresh = self._layer(new_rows, new_columns, shape)
-            fresh.keys[:used, :, new_start:new_end] = layer.keys[:used, :, old_start:old_end]
-            fresh.values[:used, :, new_start:new_end] = layer.values[:used, :, old_start:old_end]
-            self.layers[index] = fresh
-        mask = torch.zeros((new_rows, new_columns), dtype=self.mask.dtype, device=self.device)
+        for layer in self._allocated():
+            old_keys, old_values = layer.keys, layer.values
+            assert old_keys is not None and old_values is not None
+            _, heads, _, head_dim = old_keys.shape
+            layer.allocate(new_rows, new_columns, heads, head_dim, old_keys.dtype)
+            layer.keys[:used, :, new_start:new_end] = old_keys[:used, :, old_start:old_end]  # type: ignore[index]
+            layer.values[:used, :, new_start:new_end] = old_values[:used, :, old_start:old_end]  # type: ignore[index]
+        mask = torch.zeros((new_rows, new_columns), dtype=torch.bool, device=self.device)
         mask[:used, new_start:new_end] = self.mask[:used, old_start:old_end]
         self.mask = mask
         region.start, region.end = new_start, new_end
