@@ -11,7 +11,7 @@ import torch
 
 from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.batching import BatchingEngine
-from llm_server.engine.interface import Delta, Prompt, QueueFull, SamplingParams
+from llm_server.engine.interface import ContextTooLong, Delta, Prompt, QueueFull, SamplingParams
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model
 
 PROMPTS = [
@@ -211,3 +211,8 @@ def test_requests_arriving_and_leaving_at_random_match_generate_alone(loaded: Lo
         assert len(tokens(deltas)) == max_tokens
         expected = reference(loaded, prompt, max_tokens)
         assert tokens(deltas)[: len(expected)] == expected, (prompt.model, len(prompt.token_ids))
+
+
+def test_a_prompt_with_no_tokens_is_refused_before_it_reaches_a_step(engine: BatchingEngine) -> None:
+    with pytest.raises(ContextTooLong, match="empty after tokenization"):
+        engine.check_budget(Prompt("tiny", (), ""), 5)
