@@ -216,3 +216,51 @@ def test_requests_arriving_and_leaving_at_random_match_generate_alone(loaded: Lo
 def test_a_prompt_with_no_tokens_is_refused_before_it_reaches_a_step(engine: BatchingEngine) -> None:
     with pytest.raises(ContextTooLong, match="empty after tokenization"):
         engine.check_budget(Prompt("tiny", (), ""), 5)
+
+
+def test_a_sliding_window_model_matches_generate_past_its_window(
+    demo: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Mistral-shaped, window of 6 positions: prompts and generations well past it, several in one batch."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo[0])
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=6,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(3)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, {}, "float32", "cpu", None)
+    engine = BatchingEngine(loaded, "windowed", max_batch_size=4, max_queued=8, max_batch_tokens=4096)
+    try:
+        prompts = [engine.encode_text("windowed", text) for text in PROMPTS[:4]]
+        assert max(len(prompt.token_ids) for prompt in prompts) > 6
+
+        async def scenario() -> list[list[Delta]]:
+            params = SamplingParams(24, temperature=0, ignore_eos=True)
+            return await asyncio.gather(*(collect(engine, prompt, params) for prompt in prompts))
+
+        for prompt, deltas in zip(prompts, asyncio.run(scenario()), strict=True):
+            ids = torch.tensor([prompt.token_ids])
+            with torch.inference_mode(), transformers_sdpa(loaded):
+                out = loaded.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=24,
+                    min_new_tokens=24,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            assert tokens(deltas) == out[0, ids.shape[1] :].tolist()
+    finally:
+        engine.shutdown()

@@ -63,12 +63,15 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    # A sliding-window layer (Mistral, Qwen2, Gemma 3 local layers) sees only the last `window` positions.
+    window = kwargs.get("sliding_window")
     parts = []
     decoding = slot_step.decoding
     if decoding:
-        out, _ = sdpa_attention_forward(
-            module, query[:decoding], key[:decoding], value[:decoding], slot_step.decode_mask, scaling=scaling
-        )
+        keys, values, mask = key[:decoding], value[:decoding], slot_step.decode_mask
+        if isinstance(window, int) and keys.shape[2] > window:  # rows end together: the last columns
+            keys, values, mask = keys[:, :, -window:], values[:, :, -window:], mask[..., -window:]
+        out, _ = sdpa_attention_forward(module, query[:decoding], keys, values, mask, scaling=scaling)
         parts.append(out)  # (decoding, 1, heads, head_dim)
     width = key.shape[2]
     for prefill in slot_step.prefills:
@@ -79,12 +82,20 @@ def slot_attention(
             query[tokens].transpose(0, 2),  # (1, heads, length, head_dim)
             key[rows, :, columns],
             value[rows, :, columns],
-            None,
+            _band(prefill.length, window, query.device),
             scaling=scaling,
             is_causal=True,
         )
         parts.append(out.transpose(0, 1))  # (length, 1, heads, head_dim)
     return (torch.cat(parts) if len(parts) > 1 else parts[0]), None
+
+
+def _band(length: int, window: object, device: torch.device) -> torch.Tensor | None:
+    """The causal mask of a prompt limited to `window` positions, or None where plain causal is the same."""
+    if not isinstance(window, int) or length <= window:
+        return None
+    ones = torch.ones((length, length), dtype=torch.bool, device=device)
+    return (torch.tril(ones) & torch.triu(ones, diagonal=1 - window))[None, None]
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
