@@ -264,3 +264,19 @@ def test_a_sliding_window_model_matches_generate_past_its_window(
             assert tokens(deltas) == out[0, ids.shape[1] :].tolist()
     finally:
         engine.shutdown()
+
+
+def test_a_request_that_cannot_start_fails_alone(engine: BatchingEngine) -> None:
+    """Its error reaches its own stream (no silent loss: its client would wait forever); others run on."""
+    prompt = engine.encode_text("tiny", PROMPTS[0])
+
+    async def scenario() -> tuple[BaseException | list[Delta], list[Delta]]:
+        broken = collect(engine, prompt, SamplingParams(5, temperature=1.0, seed=2**64))  # no torch seed
+        fine = collect(engine, prompt, SamplingParams(5, temperature=0))
+        first, second = await asyncio.wait_for(asyncio.gather(broken, fine, return_exceptions=True), 30)
+        return first, second
+
+    failed, served = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError) and "generation failed" in str(failed)
+    assert isinstance(served, list) and served[-1].finish_reason is not None
+    assert engine.running == 0 and engine.waiting == 0

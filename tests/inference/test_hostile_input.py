@@ -29,6 +29,7 @@ HOSTILE = {
     "huge-max-tokens": body(max_tokens=2**63),
     "float-max-tokens": body(max_tokens=3.7),
     "string-seed": body(seed="seven"),
+    "seed-beyond-64-bits": body(seed=2**64),
     "thousands-of-messages": body(messages=[{"role": "user", "content": "hi"}] * 5000),
     "huge-prompt": body(messages=[{"role": "user", "content": "fox " * 200_000}]),
     "unknown-role": body(messages=[{"role": "root", "content": "hi"}]),

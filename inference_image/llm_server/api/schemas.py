@@ -18,7 +18,8 @@ class _Request(BaseModel):
 class SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    seed: int | None = None
+    # A 64-bit seed, as torch's generators take: a larger one is a 400 here, not a failed generation later.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 

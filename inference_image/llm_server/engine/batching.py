@@ -346,24 +346,26 @@ class BatchingEngine:
                     in_use += wanted
                     prefill += prompt
         newcomers = []
-        for job in admitted:
+        for job in admitted:  # each is out of the queue now: it gets a sequence or its own error
             try:
-                adapter = self._adapter_for(job.prompt.model)
+                newcomers.append(self._start(job))
             except UnknownModel as error:  # its adapter was unloaded while it waited
                 job.emit(error)
-                continue
-            newcomers.append(
-                Sequence(
-                    job=job,
-                    adapter=adapter,
-                    generator=make_generator(job.params, self._loaded.device),
-                    detokenizer=IncrementalDetokenizer(self._loaded.tokenizer),
-                    stops=StopMatcher(job.params.stop),
-                    length=len(job.prompt.token_ids),
-                    next_token=0,  # sampled by the step that prefills it
-                )
-            )
+            except Exception as error:
+                logger.exception("request could not start")
+                job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
         return newcomers
+
+    def _start(self, job: Job) -> Sequence:
+        return Sequence(
+            job=job,
+            adapter=self._adapter_for(job.prompt.model),
+            generator=make_generator(job.params, self._loaded.device),
+            detokenizer=IncrementalDetokenizer(self._loaded.tokenizer),
+            stops=StopMatcher(job.params.stop),
+            length=len(job.prompt.token_ids),
+            next_token=0,  # sampled by the step that prefills it
+        )
 
     def _step(self, newcomers: list[Sequence]) -> None:
         """One forward: every running sequence decodes its pending token, every newcomer prefills its
