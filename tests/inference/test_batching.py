@@ -179,10 +179,21 @@ def test_seeded_sampling_does_not_depend_on_the_neighbours(engine: BatchingEngin
     assert tokens(asyncio.run(alone())) == tokens(asyncio.run(crowded()))
 
 
-def test_requests_arriving_and_leaving_at_random_match_generate_alone(loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("prefill_tokens", [None, 5], ids=["default-prefill", "5-token-chunks"])
+def test_requests_arriving_and_leaving_at_random_match_generate_alone(
+    loaded: LoadedModel, prefill_tokens: int | None
+) -> None:
     """Churn through a small batch: rows are freed and reused, longer prompts join shorter rows and the
-    cache outgrows its buffers, and every request still gets exactly its solo output."""
-    engine = BatchingEngine(loaded, "tiny", max_batch_size=3, max_queued=64, max_batch_tokens=100_000)
+    cache outgrows its buffers (with 5-token chunks: long prompts prefilled over several steps while rows
+    around them finish), and every request still gets exactly its solo output."""
+    engine = BatchingEngine(
+        loaded,
+        "tiny",
+        max_batch_size=3,
+        max_queued=64,
+        max_batch_tokens=100_000,
+        max_prefill_tokens=prefill_tokens,
+    )
     rng = random.Random(7)
     models = ["tiny", "support", "other"]
     cases = [
@@ -221,7 +232,8 @@ def test_a_prompt_with_no_tokens_is_refused_before_it_reaches_a_step(engine: Bat
 def test_a_sliding_window_model_matches_generate_past_its_window(
     demo: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """Mistral-shaped, window of 6 positions: prompts and generations well past it, several in one batch."""
+    """Mistral-shaped, window of 6 positions: prompts and generations well past it, several in one batch,
+    prompts longer than 5 tokens prefilled in chunks."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(demo[0])
@@ -241,7 +253,9 @@ def test_a_sliding_window_model_matches_generate_past_its_window(
     MistralForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = load_model(tmp_path, {}, "float32", "cpu", None)
-    engine = BatchingEngine(loaded, "windowed", max_batch_size=4, max_queued=8, max_batch_tokens=4096)
+    engine = BatchingEngine(
+        loaded, "windowed", max_batch_size=4, max_queued=8, max_batch_tokens=4096, max_prefill_tokens=5
+    )
     try:
         prompts = [engine.encode_text("windowed", text) for text in PROMPTS[:4]]
         assert max(len(prompt.token_ids) for prompt in prompts) > 6
@@ -280,3 +294,45 @@ def test_a_request_that_cannot_start_fails_alone(engine: BatchingEngine) -> None
     assert isinstance(failed, RuntimeError) and "generation failed" in str(failed)
     assert isinstance(served, list) and served[-1].finish_reason is not None
     assert engine.running == 0 and engine.waiting == 0
+
+
+def test_prompts_prefilled_in_chunks_match_generate_alone(loaded: LoadedModel) -> None:
+    """Prompts longer than the step's prompt budget (4 tokens here) are prefilled over several steps while
+    the others decode; requests finish in the middle of a chunked prefill (its row moves back to the end)."""
+    engine = BatchingEngine(
+        loaded, "tiny", max_batch_size=8, max_queued=16, max_batch_tokens=4096, max_prefill_tokens=4
+    )
+    chunked: list[int] = []
+    plan = engine._batch.cache.plan
+
+    def spy(parts, continuing=False):  # type: ignore[no-untyped-def]
+        step = plan(parts, continuing)
+        chunked.extend(prefill.past for prefill in step.prefills if prefill.past)
+        return step
+
+    engine._batch.cache.plan = spy  # type: ignore[method-assign]
+    models = ["tiny", "support", "other", "tiny", "support"]
+    prompts = [engine.encode_text(model, text) for model, text in zip(models, PROMPTS, strict=True)]
+    lengths = [40, 12, 3, 20, 2]
+    try:
+
+        async def scenario() -> list[list[Delta]]:
+            first_running = asyncio.Event()
+            first = asyncio.create_task(
+                collect(engine, prompts[2], SamplingParams(lengths[0], temperature=0), first_running)
+            )
+            await first_running.wait()
+            rest = [
+                asyncio.create_task(collect(engine, prompt, SamplingParams(n, temperature=0)))
+                for prompt, n in zip(prompts[:2] + prompts[3:], lengths[1:], strict=True)
+            ]
+            return await asyncio.gather(first, *rest)
+
+        results = asyncio.run(scenario())
+        order = [prompts[2], *prompts[:2], *prompts[3:]]
+        for prompt, n, deltas in zip(order, lengths, results, strict=True):
+            assert tokens(deltas) == reference(loaded, prompt, n), prompt.model
+        assert chunked, "no prompt was prefilled in chunks"
+        assert engine.running == 0
+    finally:
+        engine.shutdown()

@@ -25,14 +25,23 @@ SLOT_ATTENTION = "llm_server_slots"
 
 @dataclasses.dataclass(frozen=True)
 class Prefill:
+    """A prompt, or the next chunk of one, in this step."""
+
     row: int  # the request's row of the cache
     offset: int  # index of its first token among the step's tokens
-    length: int
+    length: int  # its tokens in this step
+    past: int  # the prompt's tokens already in the cache (earlier chunks)
+    keys_to: int  # end of this chunk's columns in the step's cache view; the prompt's keys end there
+    final: bool  # the prompt's last chunk: its last token's logits give the first generated token
+
+    @property
+    def keys(self) -> slice:
+        return slice(self.keys_to - self.past - self.length, self.keys_to)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """Who is who in one step: rows [0, decoding) decode one token each, then each prompt's tokens."""
+    """Who is who in one step: rows [0, decoding) decode one token each, then prompts or prompt chunks."""
 
     decoding: int
     prefills: tuple[Prefill, ...]
@@ -43,8 +52,9 @@ class StepPlan:
         return self.decoding + sum(prefill.length for prefill in self.prefills)
 
     def last_tokens(self) -> list[int]:
-        """The step's tokens whose next-token logits are needed: every decoding row, each prompt's last."""
-        return list(range(self.decoding)) + [p.offset + p.length - 1 for p in self.prefills]
+        """The step's tokens whose next-token logits are needed: every decoding row, each finished prompt's
+        last token."""
+        return list(range(self.decoding)) + [p.offset + p.length - 1 for p in self.prefills if p.final]
 
 
 def slot_attention(
@@ -73,16 +83,15 @@ def slot_attention(
             keys, values, mask = keys[:, :, -window:], values[:, :, -window:], mask[..., -window:]
         out, _ = sdpa_attention_forward(module, query[:decoding], keys, values, mask, scaling=scaling)
         parts.append(out)  # (decoding, 1, heads, head_dim)
-    width = key.shape[2]
     for prefill in slot_step.prefills:
         tokens = slice(prefill.offset, prefill.offset + prefill.length)
-        rows, columns = slice(prefill.row, prefill.row + 1), slice(width - prefill.length, width)
+        rows = slice(prefill.row, prefill.row + 1)
         out, _ = sdpa_attention_forward(
             module,
             query[tokens].transpose(0, 2),  # (1, heads, length, head_dim)
-            key[rows, :, columns],
-            value[rows, :, columns],
-            _band(prefill.length, window, query.device),
+            key[rows, :, prefill.keys],
+            value[rows, :, prefill.keys],
+            _causal(prefill.length, prefill.past, window, query.device),
             scaling=scaling,
             is_causal=True,
         )
@@ -90,12 +99,18 @@ def slot_attention(
     return (torch.cat(parts) if len(parts) > 1 else parts[0]), None
 
 
-def _band(length: int, window: object, device: torch.device) -> torch.Tensor | None:
-    """The causal mask of a prompt limited to `window` positions, or None where plain causal is the same."""
-    if not isinstance(window, int) or length <= window:
+def _causal(length: int, past: int, window: object, device: torch.device) -> torch.Tensor | None:
+    """Query i (position past + i) sees keys up to its own position, and within `window` of it when set;
+    None where SDPA's own causal mask is the same (no earlier chunk, no window cut)."""
+    windowed = isinstance(window, int) and past + length > window
+    if past == 0 and not windowed:
         return None
-    ones = torch.ones((length, length), dtype=torch.bool, device=device)
-    return (torch.tril(ones) & torch.triu(ones, diagonal=1 - window))[None, None]
+    query = torch.arange(past, past + length, device=device)[:, None]
+    key = torch.arange(past + length, device=device)[None, :]
+    allowed = key <= query
+    if windowed:
+        allowed &= key > query - window  # type: ignore[operator]
+    return allowed[None, None]
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)

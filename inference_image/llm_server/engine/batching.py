@@ -39,7 +39,7 @@ from llm_server.engine.interface import (
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
 from llm_server.engine.sampling import make_generator, sample_rows
-from llm_server.engine.slots import SlotCache
+from llm_server.engine.slots import PromptPart, SlotCache
 from llm_server.engine.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ class Sequence:
     stops: StopMatcher
     length: int  # tokens in its cache (prompt + generated so far, excluding the pending token)
     next_token: int  # sampled, not yet fed to the model
+    prefilled: int = 0  # prompt tokens in the cache; below the prompt's length it is not decoding yet
+    chunk: int = 0  # prompt tokens per step when its prompt is prefilled in chunks (0: at once)
     produced: int = 0
     unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in a delta
 
@@ -124,17 +126,36 @@ class Batch:
     def __len__(self) -> int:
         return len(self.sequences)
 
+    @property
+    def prefilling(self) -> Sequence | None:
+        """The sequence whose prompt is part-way in the cache: always the last row (see `remove`)."""
+        last = self.sequences[-1] if self.sequences else None
+        return last if last is not None and last.prefilled < len(last.job.prompt.token_ids) else None
+
     def plan(self, newcomers: list[Sequence]) -> StepPlan:
-        """The next step: every sequence decodes, newcomers (appended as new rows) prefill their prompts."""
-        plan = self.cache.plan([len(sequence.job.prompt.token_ids) for sequence in newcomers])
+        """The next step: every sequence decodes except the prompts being prefilled: the last row's
+        unfinished one, or the newcomers' (appended as new rows)."""
+        continuing = self.prefilling
+        prefilling = [continuing] if continuing is not None else newcomers
+        parts = [
+            PromptPart(len(sequence.job.prompt.token_ids), sequence.prefilled, sequence.chunk)
+            for sequence in prefilling
+        ]
+        plan = self.cache.plan(parts, continuing=continuing is not None)
         self.sequences.extend(newcomers)
         return plan
 
     def remove(self, finished: list[Sequence]) -> None:
+        prefilling = self.prefilling
         rows = [row for row, sequence in enumerate(self.sequences) if sequence in finished]
         for source, target in self.cache.remove(rows):
             self.sequences[target] = self.sequences[source]
         del self.sequences[self.cache.rows :]
+        if prefilling is not None and prefilling in self.sequences and self.sequences[-1] is not prefilling:
+            # It filled a hole: back to the end, where decoding rows [0, n) leave it (attention.py).
+            row, last = self.sequences.index(prefilling), len(self.sequences) - 1
+            self.cache.swap(row, last)
+            self.sequences[row], self.sequences[last] = self.sequences[last], prefilling
 
     def clear(self) -> None:
         self.sequences.clear()
@@ -151,7 +172,7 @@ def logits_only_for(model: Any, rows: list[int]) -> Iterator[None]:
     if head is None or isinstance(head, BaseTunerLayer):
         yield
         return
-    index = torch.tensor(rows, device=head.weight.device)
+    index = torch.tensor(rows, dtype=torch.long, device=head.weight.device)
     handle = head.register_forward_pre_hook(lambda _, args: (args[0].index_select(0, index), *args[1:]))
     try:
         yield
@@ -161,6 +182,13 @@ def logits_only_for(model: Any, rows: list[int]) -> Iterator[None]:
 
 GPU_PREFILL_TOKENS = 2048  # vLLM's default per-step budget: a GPU prefills that in about one decoding step
 CPU_PREFILL_TOKENS_PER_ROW = 8
+CPU_CHUNK_TOKENS = 512  # about 160 ms of prompt per step on the 2-core bench machine
+
+
+def chunk_tokens(device: torch.device) -> int:
+    """By default, a prompt longer than this is prefilled in chunks of it while other requests decode, so
+    one long prompt pauses their streams for a bounded time per step instead of all at once."""
+    return GPU_PREFILL_TOKENS if device.type == "cuda" else CPU_CHUNK_TOKENS
 
 
 def prefill_budget(device: torch.device, running: int) -> int:
@@ -326,6 +354,9 @@ class BatchingEngine:
         """Takes waiting requests into the next step while slots, the cache budget and the step's prefill
         budget allow."""
         admitted: list[Job] = []
+        if self._batch.prefilling is not None:
+            return []  # first come, first served: a prompt in chunks has the steps' prompt budget
+        chunk = self._max_prefill_tokens or chunk_tokens(self._loaded.device)
         with self._lock:
             in_use = sum(
                 sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
@@ -338,17 +369,19 @@ class BatchingEngine:
                 wanted = prompt + job.params.max_tokens
                 if (self._batch or admitted) and in_use + wanted > self._max_batch_tokens:
                     break  # waits for a finishing request to free cache room
-                if admitted and prefill + prompt > budget:
+                if admitted and (prefill + prompt > budget or prompt > chunk):
                     break  # joins at the next step: running streams only pause for a bounded prefill
                 self._waiting.pop(0)
                 if not job.cancelled.is_set():
                     admitted.append(job)
                     in_use += wanted
                     prefill += prompt
+                    if prompt > chunk:
+                        break  # prefilled alone, in chunks while others decode
         newcomers = []
         for job in admitted:  # each is out of the queue now: it gets a sequence or its own error
             try:
-                newcomers.append(self._start(job))
+                newcomers.append(self._start(job, chunk if self._batch else 0))
             except UnknownModel as error:  # its adapter was unloaded while it waited
                 job.emit(error)
             except Exception as error:
@@ -356,7 +389,8 @@ class BatchingEngine:
                 job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
         return newcomers
 
-    def _start(self, job: Job) -> Sequence:
+    def _start(self, job: Job, chunk: int) -> Sequence:
+        """`chunk`: tokens per step if its prompt is longer (0: all at once, nobody is decoding)."""
         return Sequence(
             job=job,
             adapter=self._adapter_for(job.prompt.model),
@@ -365,23 +399,27 @@ class BatchingEngine:
             stops=StopMatcher(job.params.stop),
             length=len(job.prompt.token_ids),
             next_token=0,  # sampled by the step that prefills it
+            chunk=chunk if len(job.prompt.token_ids) > chunk > 0 else 0,
         )
 
     def _step(self, newcomers: list[Sequence]) -> None:
-        """One forward: every running sequence decodes its pending token, every newcomer prefills its
-        prompt; each then samples its next token from its last position."""
+        """One forward: every running sequence decodes its pending token, and the prompts being prefilled
+        (the newcomers', or the next chunk of a long one) go through with them; sequences whose prompt is
+        complete then sample their next token from their last position."""
         loaded, batch = self._loaded, self._batch
-        decoding = list(batch.sequences)
+        continuing = batch.prefilling
+        decoding = [sequence for sequence in batch.sequences if sequence is not continuing]
+        prefilling = [continuing] if continuing is not None else newcomers
         with self._lock:
             plan = batch.plan(newcomers)  # from here on a failure fails newcomers too (_fail_all)
         tokens = [sequence.next_token for sequence in decoding]
         positions = [sequence.length for sequence in decoding]
         adapters = [sequence.adapter or BASE_ADAPTER for sequence in decoding]
-        for sequence in newcomers:
-            prompt = sequence.job.prompt.token_ids
-            tokens += prompt
-            positions += range(len(prompt))
-            adapters += [sequence.adapter or BASE_ADAPTER] * len(prompt)
+        for sequence, part in zip(prefilling, plan.prefills, strict=True):
+            done = sequence.prefilled
+            tokens += sequence.job.prompt.token_ids[done : done + part.length]
+            positions += range(done, done + part.length)
+            adapters += [sequence.adapter or BASE_ADAPTER] * part.length
         selection = loaded.rows.selecting(adapters) if loaded.has_peft else contextlib.nullcontext()
         device = loaded.device
         with selection, logits_only_for(loaded.model, plan.last_tokens()):
@@ -395,11 +433,13 @@ class BatchingEngine:
             )
         batch.cache.advance()
         logits = output.logits[:, -1]
-        if logits.shape[0] != len(decoding) + len(newcomers):  # an adapted output layer computed them all
+        stepped = decoding + [seq for seq, part in zip(prefilling, plan.prefills, strict=True) if part.final]
+        if logits.shape[0] != len(stepped):  # an adapted output layer computed them for every token
             logits = logits[plan.last_tokens()]
         for sequence in decoding:
             sequence.length += 1
-        stepped = decoding + newcomers
+        for sequence, part in zip(prefilling, plan.prefills, strict=True):
+            sequence.prefilled += part.length
         finished = []
         params, generators = [s.job.params for s in stepped], [s.generator for s in stepped]
         for sequence, token in zip(stepped, sample_rows(logits, params, generators), strict=True):

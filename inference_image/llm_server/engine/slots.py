@@ -12,10 +12,35 @@ is moved to the left edge when it reaches the end, so copies are rare and every 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from llm_server.engine.attention import Prefill, StepPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPart:
+    """A prompt to prefill in a step: `done` of its `length` tokens are in the cache already, and it
+    takes `chunk` tokens per step (its length or more: all at once)."""
+
+    length: int
+    done: int = 0
+    chunk: int = 0  # 0: all at once
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.done
+
+    @property
+    def step_tokens(self) -> int:
+        return min(self.chunk or self.remaining, self.remaining)
+
+    @property
+    def steps_left(self) -> int:
+        """Steps to the end of the prompt, this one included."""
+        return -(-self.remaining // (self.chunk or self.remaining))
 
 
 class _Region:
@@ -70,7 +95,8 @@ class SlotLayer(CacheLayerMixin):
             self.values[:decoding, :, column] = value_states[:decoding, :, 0]
         for prefill in step.prefills:
             tokens = slice(prefill.offset, prefill.offset + prefill.length)
-            columns = slice(column + 1 - prefill.length, column + 1)
+            end = region.start + prefill.keys_to
+            columns = slice(end - prefill.length, end)
             self.keys[prefill.row, :, columns] = key_states[tokens, :, 0].transpose(0, 1)
             self.values[prefill.row, :, columns] = value_states[tokens, :, 0].transpose(0, 1)
         used = slice(region.start, column + 1)
@@ -109,26 +135,44 @@ class SlotCache(Cache):
         return self.mask.shape[0], self.mask.shape[1]
 
     # -- a step -------------------------------------------------------------------------------------
-    def plan(self, prompt_lengths: list[int]) -> StepPlan:
-        """Adds a row per prompt after the decoding rows, makes room for the step's column and returns
-        the plan the forward writes and attends by; `advance` once that forward is done."""
+    def plan(self, prompts: list[PromptPart], continuing: bool = False) -> StepPlan:
+        """Plans one step: every row decodes except the prompts being prefilled, which are `prompts`
+        (new rows after the current ones; with `continuing`, the first is the last row's prompt, part-way
+        in the cache). Makes room and returns the plan the forward writes and attends by; `advance` once
+        that forward is done.
+
+        A prompt split into chunks is placed so that its last chunk ends at the column of the step that
+        writes it, where every decoding row's token goes: its columns are fixed by its length and the
+        steps it still needs, so each chunk lands at or before the step's column."""
         region = self.region
-        decoding, longest = region.rows, max(prompt_lengths, default=1)
-        # A prompt's last token shares the step's column with the decoding rows; the rest lie before it.
-        self._make_room(max(region.width, longest - 1), 1, decoding + len(prompt_lengths))
+        existing = region.rows
+        decoding = existing - 1 if continuing else existing
+        new = prompts[1:] if continuing else prompts
+        # Columns a new prompt needs before the step's column (its last chunk ends steps_left - 1 later).
+        before = [part.length - part.steps_left for part in new]
+        self._make_room(max([region.width, *before]), 1, existing + len(new))
         region = self.region
         column = region.end
-        if column + 1 - longest < region.start:  # older rows gain padding on the left: masked out
-            self.mask[:decoding, column + 1 - longest : region.start] = False
-            region.start = column + 1 - longest
-        self.mask[:decoding, column] = True
+        earliest = column - max(before, default=0)
+        if earliest < region.start:  # older rows gain padding on the left: masked out
+            self.mask[:existing, earliest : region.start] = False
+            region.start = earliest
+        self.mask[:existing, column] = True  # decoding rows' token; a continuing prompt's span
         prefills, offset = [], decoding
-        for row, length in enumerate(prompt_lengths, start=decoding):
-            self.mask[row, region.start : column + 1 - length] = False
-            self.mask[row, column + 1 - length : column + 1] = True
-            prefills.append(Prefill(row, offset, length))
-            offset += length
-        region.rows = decoding + len(prompt_lengths)
+        for index, part in enumerate(prompts):
+            row = decoding + index
+            final_column = column + part.steps_left - 1
+            first = final_column - part.remaining + 1  # this chunk's first column
+            if row >= existing:  # a new row: its whole prompt span is its (the rest is padding)
+                start = final_column - part.length + 1
+                self.mask[row, region.start : start] = False
+                self.mask[row, start : column + 1] = True
+            size = part.step_tokens
+            prefills.append(
+                Prefill(row, offset, size, part.done, first + size - region.start, size == part.remaining)
+            )
+            offset += size
+        region.rows = existing + len(new)
         decode_mask = self.mask[:decoding, region.start : column + 1][:, None, None, :]
         region.step = StepPlan(decoding, tuple(prefills), decode_mask)
         return region.step
@@ -155,6 +199,18 @@ class SlotCache(Cache):
             used = self.mask[: region.rows, region.start : region.end].any(dim=0)
             region.start += int(torch.nonzero(used)[0].item())  # drop columns only padding uses
         return moves
+
+    def swap(self, first: int, second: int) -> None:
+        """Exchanges two rows (keys, values and mask)."""
+        start, end = self.region.start, self.region.end
+        for layer in self._allocated():
+            for buffer in (layer.keys, layer.values):
+                kept = buffer[first, :, start:end].clone()  # type: ignore[index]
+                buffer[first, :, start:end] = buffer[second, :, start:end]  # type: ignore[index]
+                buffer[second, :, start:end] = kept  # type: ignore[index]
+        kept_mask = self.mask[first, start:end].clone()
+        self.mask[first, start:end] = self.mask[second, start:end]
+        self.mask[second, start:end] = kept_mask
 
     def clear(self) -> None:
         self.region.rows = self.region.start = self.region.end = 0
