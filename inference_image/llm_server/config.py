@@ -34,6 +34,13 @@ class ServerSettings(BaseSettings):
         description="Prompt tokens prefilled in one step (always at least one request); "
         "default: 2048 on a GPU, 8 per running request on a CPU.",
     )
+    prefill_chunk_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="A prompt longer than this is prefilled in chunks of this many tokens while other "
+        "requests decode, so it pauses their streams for a bounded time per step; default: 2048 on a GPU, "
+        "512 on a CPU; 0: never chunk.",
+    )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(
         None, description="When set, every non-health endpoint needs it as Bearer."

@@ -47,6 +47,7 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
         settings.max_queued_requests,
         settings.max_batch_tokens,
         settings.max_prefill_tokens,
+        settings.prefill_chunk_tokens,
     )
 
 

@@ -192,7 +192,7 @@ def test_requests_arriving_and_leaving_at_random_match_generate_alone(
         max_batch_size=3,
         max_queued=64,
         max_batch_tokens=100_000,
-        max_prefill_tokens=prefill_tokens,
+        prefill_chunk_tokens=prefill_tokens,
     )
     rng = random.Random(7)
     models = ["tiny", "support", "other"]
@@ -254,7 +254,7 @@ def test_a_sliding_window_model_matches_generate_past_its_window(
     tokenizer.save_pretrained(tmp_path)
     loaded = load_model(tmp_path, {}, "float32", "cpu", None)
     engine = BatchingEngine(
-        loaded, "windowed", max_batch_size=4, max_queued=8, max_batch_tokens=4096, max_prefill_tokens=5
+        loaded, "windowed", max_batch_size=4, max_queued=8, max_batch_tokens=4096, prefill_chunk_tokens=5
     )
     try:
         prompts = [engine.encode_text("windowed", text) for text in PROMPTS[:4]]
@@ -297,10 +297,10 @@ def test_a_request_that_cannot_start_fails_alone(engine: BatchingEngine) -> None
 
 
 def test_prompts_prefilled_in_chunks_match_generate_alone(loaded: LoadedModel) -> None:
-    """Prompts longer than the step's prompt budget (4 tokens here) are prefilled over several steps while
+    """Prompts longer than the chunk size (4 tokens here) are prefilled over several steps while
     the others decode; requests finish in the middle of a chunked prefill (its row moves back to the end)."""
     engine = BatchingEngine(
-        loaded, "tiny", max_batch_size=8, max_queued=16, max_batch_tokens=4096, max_prefill_tokens=4
+        loaded, "tiny", max_batch_size=8, max_queued=16, max_batch_tokens=4096, prefill_chunk_tokens=4
     )
     chunked: list[int] = []
     plan = engine._batch.cache.plan

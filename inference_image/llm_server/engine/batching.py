@@ -4,7 +4,8 @@ A request joins at the next step: its prompt is prefilled in the same forward th
 requests (attention.py), and its first token comes out of that step. It leaves the batch the moment it
 finishes, hits a stop string, runs out of tokens or its client goes away; its row of the KV cache goes
 with it. Rows end at a common column of one preallocated cache (slots.py), each with its own mask and
-positions; at most LLM_MAX_PREFILL_TOKENS of prompt join per step. peft picks each token's LoRA adapter
+positions; at most LLM_MAX_PREFILL_TOKENS of prompt join per step, and a prompt longer than
+LLM_PREFILL_CHUNK_TOKENS is prefilled over several steps (slots.py places it). peft picks each token's adapter
 (or none) in the same forward pass. One worker thread runs the model; the event loop only receives
 deltas (call_soon_threadsafe).
 """
@@ -213,6 +214,7 @@ class BatchingEngine:
         max_queued: int,
         max_batch_tokens: int,
         max_prefill_tokens: int | None = None,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
         self._loaded = loaded
         self._base_model = base_model
@@ -220,6 +222,7 @@ class BatchingEngine:
         self._max_queued = max_queued
         self._max_batch_tokens = max_batch_tokens
         self._max_prefill_tokens = max_prefill_tokens  # None: prefill_budget()
+        self._chunk_tokens = prefill_chunk_tokens  # None: chunk_tokens(); 0: never chunk
         self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
@@ -356,7 +359,8 @@ class BatchingEngine:
         admitted: list[Job] = []
         if self._batch.prefilling is not None:
             return []  # first come, first served: a prompt in chunks has the steps' prompt budget
-        chunk = self._max_prefill_tokens or chunk_tokens(self._loaded.device)
+        chunk = chunk_tokens(self._loaded.device) if self._chunk_tokens is None else self._chunk_tokens
+        chunk = chunk or 2**62  # 0: never
         with self._lock:
             in_use = sum(
                 sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences

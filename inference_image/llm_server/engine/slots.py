@@ -6,8 +6,9 @@ layer, and adding or removing a request rebuilds it. Here each layer keeps one b
 column: a step writes the next column for every decoding row and a newcomer's whole prompt into the
 columns that end there (attention.py's plan says which token goes where), and attention reads the used
 region [start, end). One leaving hands its row to the last row (one row copied, order does not matter);
-columns that only padding uses are dropped by moving `start`. The buffers grow by doubling and the region
-is moved to the left edge when it reaches the end, so copies are rare and every step's cost is the model's.
+columns that only padding uses are dropped by moving `start`. When the region reaches the buffers' end it
+moves back to the left edge in place (only the used rows' region is copied); the buffers grow (doubling)
+only past their high-water mark, so every step's cost is the model's.
 """
 
 from __future__ import annotations
@@ -228,29 +229,39 @@ class SlotCache(Cache):
 
     # -- capacity -----------------------------------------------------------------------------------
     def _make_room(self, left: int, right: int, rows: int) -> None:
-        """Ensures `left` columns before `end`, `right` after it and `rows` rows; moves or grows rarely."""
+        """Ensures `left` columns before `end`, `right` after it and `rows` rows: usually nothing to do,
+        else the region moves to `left` from the buffers' left edge (copying only the used rows' region),
+        and only when the buffers are too small do they grow (twice what is needed)."""
         region = self.region
         row_capacity, columns = self.capacity
         if region.end - left >= 0 and region.end + right <= columns and rows <= row_capacity:
             return
-        if region.rows == 0 and left + right <= columns and rows <= row_capacity:
-            region.start = region.end = left  # nothing to keep: start over at the left edge
+        new_end = left
+        new_start = new_end - region.width
+        old, used = slice(region.start, region.end), region.rows
+        if left + right <= columns and rows <= row_capacity:
+            # A fresh allocation here would zero the whole capacity (gigabytes once a long prompt has
+            # widened it): seconds of stall for every stream, each time the region reaches the edge.
+            for buffer in self._buffers():
+                buffer[:used, :, new_start:new_end] = buffer[:used, :, old].clone()
+            self.mask[:used, new_start:new_end] = self.mask[:used, old].clone()
+            region.start, region.end = new_start, new_end
             return
         new_rows = row_capacity if rows <= row_capacity else min(max(rows, 2 * row_capacity), self.max_rows)
         new_rows = max(new_rows, rows)
         # Twice what is needed, so the region reaches the edge again only after as many steps as it is wide.
         new_columns = max(columns, 2 * (left + right) + 16)
-        new_end = left
-        new_start = new_end - region.width
-        old_start, old_end, used = region.start, region.end, region.rows
         for layer in self._allocated():
             old_keys, old_values = layer.keys, layer.values
             assert old_keys is not None and old_values is not None
             _, heads, _, head_dim = old_keys.shape
             layer.allocate(new_rows, new_columns, heads, head_dim, old_keys.dtype)
-            layer.keys[:used, :, new_start:new_end] = old_keys[:used, :, old_start:old_end]  # type: ignore[index]
-            layer.values[:used, :, new_start:new_end] = old_values[:used, :, old_start:old_end]  # type: ignore[index]
+            layer.keys[:used, :, new_start:new_end] = old_keys[:used, :, old]  # type: ignore[index]
+            layer.values[:used, :, new_start:new_end] = old_values[:used, :, old]  # type: ignore[index]
         mask = torch.zeros((new_rows, new_columns), dtype=torch.bool, device=self.device)
-        mask[:used, new_start:new_end] = self.mask[:used, old_start:old_end]
+        mask[:used, new_start:new_end] = self.mask[:used, old]
         self.mask = mask
         region.start, region.end = new_start, new_end
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [buffer for layer in self._allocated() for buffer in (layer.keys, layer.values)]  # type: ignore[misc]
