@@ -314,7 +314,7 @@ def main() -> int:
                 rng = random.Random(3)
                 jobs = [
                     (mixed[i], rng.choice([16, 32, 64, 128]), rng.choice(["bench", "support"]))
-                    for i in range(64)
+                    for i in range(128)  # 4 per client: the first wave (32 at once) is a quarter of them
                 ]
                 runs, duration = asyncio.run(drive(server.url, jobs, 32))
                 results.append(summarize(engine, "mixed+adapters", 32, runs, duration))
