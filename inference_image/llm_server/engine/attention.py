@@ -78,7 +78,8 @@ def slot_attention(
     parts = []
     decoding = slot_step.decoding
     if decoding:
-        keys, values, mask = key[:decoding], value[:decoding], slot_step.decode_mask
+        keys, values = key[:decoding], value[:decoding]
+        mask = slot_step.decode_mask.to(query.device, non_blocking=True)  # a no-op on one device
         if isinstance(window, int) and keys.shape[2] > window:  # rows end together: the last columns
             keys, values, mask = keys[:, :, -window:], values[:, :, -window:], mask[..., -window:]
         out, _ = sdpa_attention_forward(module, query[:decoding], keys, values, mask, scaling=scaling)

@@ -73,11 +73,14 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise AssertionError("slot layers allocate in update")
 
-    def allocate(self, rows: int, columns: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def allocate(
+        self, rows: int, columns: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         # Zeros, not empty: padded columns are masked out, but NaN garbage would still poison softmax.
+        # On the layer's own device: with several GPUs (device_map="auto") layers live on different ones.
         size = (rows, heads, columns, head_dim)
-        self.keys = torch.zeros(size, dtype=dtype, device=self.cache.device)
-        self.values = torch.zeros(size, dtype=dtype, device=self.cache.device)
+        self.keys = torch.zeros(size, dtype=dtype, device=device)
+        self.values = torch.zeros(size, dtype=dtype, device=device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -88,7 +91,7 @@ class SlotLayer(CacheLayerMixin):
         if self.keys is None:
             rows, columns = self.cache.capacity
             _, heads, _, head_dim = key_states.shape
-            self.allocate(rows, columns, heads, head_dim, key_states.dtype)
+            self.allocate(rows, columns, heads, head_dim, key_states.dtype, key_states.device)
         assert self.keys is not None and self.values is not None
         column, decoding = region.end, step.decoding
         if decoding:
@@ -255,7 +258,7 @@ class SlotCache(Cache):
             old_keys, old_values = layer.keys, layer.values
             assert old_keys is not None and old_values is not None
             _, heads, _, head_dim = old_keys.shape
-            layer.allocate(new_rows, new_columns, heads, head_dim, old_keys.dtype)
+            layer.allocate(new_rows, new_columns, heads, head_dim, old_keys.dtype, old_keys.device)
             layer.keys[:used, :, new_start:new_end] = old_keys[:used, :, old]  # type: ignore[index]
             layer.values[:used, :, new_start:new_end] = old_values[:used, :, old]  # type: ignore[index]
         mask = torch.zeros((new_rows, new_columns), dtype=torch.bool, device=self.device)
