@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_server.demo_model import CORPUS, ModelShape, build_demo_model
 
@@ -42,6 +43,8 @@ BENCH_SHAPE = ModelShape(
     max_position_embeddings=1024,
 )
 PROMPT_TOKENS, OUTPUT_TOKENS = 64, 64
+LONG_PROMPTS, LONG_PROMPT_TOKENS = 8, 900  # against the server's default 512-token prefill chunks
+SLOW_STEP_S = 0.25
 
 
 @dataclass
@@ -170,8 +173,50 @@ def summarize(
     )
 
 
+async def streams_beside_long_prompts(
+    url: str, stream_jobs: list[tuple[str, int, str]], long_jobs: list[tuple[str, int, str]]
+) -> tuple[tuple[list[dict[str, Any]], float], tuple[list[dict[str, Any]], float]]:
+    """8 closed-loop streams while one more client sends long prompts one after another."""
+    streams, long = await asyncio.gather(drive(url, stream_jobs, 8), drive(url, long_jobs, 1))
+    return streams, long
+
+
+def step_buckets(url: str) -> dict[str, float]:
+    """The engine's step-duration histogram from /metrics: cumulative count by upper bound."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name == "llm_engine_step_duration_seconds":
+            return {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    raise SystemExit("the server exports no llm_engine_step_duration_seconds")
+
+
+def long_prompt_run(url: str, label: str, fixed: list[str], long: list[str]) -> dict[str, Any]:
+    """How long a long prompt's prefill holds up the running streams: each waits one engine step per token,
+    so the steps' durations (the server's histogram) are the pauses. Timing text events at the client
+    would not show it: tokens that complete no character stream no text, merging steps."""
+    # The first long prompt grows the cache to its high-water mark (a one-time allocation): not counted.
+    warm_streams = [(p, OUTPUT_TOKENS, "bench") for p in fixed[:8]]
+    asyncio.run(streams_beside_long_prompts(url, warm_streams, [(long[0], 8, "bench")]))
+    before = step_buckets(url)
+    stream_jobs = [(fixed[i], OUTPUT_TOKENS, "bench") for i in range(8 * 6)]
+    (streams, streams_s), (longs, longs_s) = asyncio.run(
+        streams_beside_long_prompts(url, stream_jobs, [(prompt, 8, "bench") for prompt in long])
+    )
+    after = step_buckets(url)
+    steps = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    longest = min((float(b) for b, n in steps.items() if b != "+Inf" and n == steps["+Inf"]), default=None)
+    figures = {
+        "steps": int(steps["+Inf"]),
+        f"steps_over_{int(SLOW_STEP_S * 1000)}ms": int(steps["+Inf"] - steps[str(SLOW_STEP_S)]),
+        "longest_step_at_most_s": longest,
+        "streams_tokens_per_s": summarize("batching", "", 8, streams, streams_s).output_tokens_per_s,
+        "long_prompt_ttft_p50_ms": summarize("batching", "", 1, longs, longs_s).ttft_ms["p50"],
+    }
+    print(f"  8 streams beside {LONG_PROMPTS} long prompts, {label}: {figures}", flush=True)
+    return figures
+
+
 class Server:
-    def __init__(self, engine: str, model: Path, adapter: Path) -> None:
+    def __init__(self, engine: str, model: Path, adapter: Path, **settings: str) -> None:
         self.port = free_port()
         env = {
             **os.environ,
@@ -185,6 +230,7 @@ class Server:
             "LLM_MAX_BATCH_SIZE": "64",
             "LLM_MAX_QUEUED_REQUESTS": "1024",
             "LLM_MAX_MODEL_LEN": "1024",
+            **settings,
         }
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.serve", engine], env=env, cwd=ROOT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -296,6 +342,8 @@ def main() -> int:
     fixed = make_prompts(tokenizer, 256, [PROMPT_TOKENS], seed=1)
     mixed_lengths = [16, 32, 64, 128, 256]
     mixed = make_prompts(tokenizer, 256, mixed_lengths, seed=2)
+    long = make_prompts(tokenizer, LONG_PROMPTS, [LONG_PROMPT_TOKENS], seed=4)
+    long_prompts: dict[str, Any] = {}
 
     results: list[Result] = []
     for engine in ("batching", "seed"):
@@ -319,8 +367,14 @@ def main() -> int:
                 runs, duration = asyncio.run(drive(server.url, jobs, 32))
                 results.append(summarize(engine, "mixed+adapters", 32, runs, duration))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
+                long_prompts["chunked"] = long_prompt_run(server.url, "chunked (default)", fixed, long)
         finally:
             server.stop()
+    unchunked = Server("batching", model_dir, adapter_dir, LLM_PREFILL_CHUNK_TOKENS="0")
+    try:
+        long_prompts["unchunked"] = long_prompt_run(unchunked.url, "unchunked", fixed, long)
+    finally:
+        unchunked.stop()
 
     bounds = offline_bounds(model_dir, fixed[:32], device)
     by_key = {(r.engine, r.scenario, r.concurrency): r for r in results}
@@ -355,11 +409,13 @@ def main() -> int:
     report = {
         "machine": machine,
         "results": [asdict(r) for r in results],
+        "long_prompts": long_prompts,
         "offline": bounds,
         "ratios": ratios,
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2))
     print("\n" + table(results))
+    print("long prompts:", json.dumps(long_prompts))
     print("\noffline:", json.dumps(bounds))
     print("ratios:", json.dumps(ratios))
     write_markdown(report)
@@ -382,6 +438,10 @@ ignored, streamed over HTTP (`/v1/completions`), closed-loop clients.
 {table(results)}
 
 Offline on the same 32 prompts: {json.dumps(report["offline"])}
+
+8 streams beside {LONG_PROMPTS} {LONG_PROMPT_TOKENS}-token prompts, engine steps from the server's
+`llm_engine_step_duration_seconds` (each stream waits one step per token), prompts in 512-token chunks
+(default) and whole (`LLM_PREFILL_CHUNK_TOKENS=0`): {json.dumps(report["long_prompts"])}
 
 Ratios: {json.dumps(report["ratios"])}
 

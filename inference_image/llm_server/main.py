@@ -82,6 +82,7 @@ def create_app(
             engine.adapters_in_use,
             max_lora=len(settings.adapters),
             generated_tokens=lambda: engine.generated_tokens,
+            step_times=lambda: engine.step_times,
         )
         state.generation = Generation(engine, settings, metrics)
         if state.phase == "loading":

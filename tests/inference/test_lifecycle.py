@@ -76,6 +76,9 @@ def test_metrics_after_traffic(server: RunningServer) -> None:
     assert server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) >= 24
     assert server.metric("vllm:e2e_request_latency_seconds_count", {"model_name": "tiny"}) >= 4
     assert server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0
+    # At least one step per generated token after the first (each request's first comes with its prompt).
+    assert server.metric("llm_engine_step_duration_seconds_count", {"model_name": "tiny"}) >= 5
+    assert server.metric("llm_engine_step_duration_seconds_sum", {"model_name": "tiny"}) > 0
     assert (
         server.metric(
             "llm_server_http_requests_total",

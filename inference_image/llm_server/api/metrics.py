@@ -7,8 +7,10 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from llm_server.engine.interface import STEP_BUCKETS, StepTimes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -36,13 +38,27 @@ class _LoraInfo(Collector):
 class _EngineCounters(Collector):
     """Counted by the engine, not by the HTTP layer: tokens decoded for a client that left count too."""
 
-    def __init__(self, model_name: str, generated_tokens: Callable[[], int]) -> None:
-        self._model_name, self._generated_tokens = model_name, generated_tokens
+    def __init__(
+        self, model_name: str, generated_tokens: Callable[[], int], step_times: Callable[[], StepTimes]
+    ) -> None:
+        self._model_name, self._generated_tokens, self._step_times = model_name, generated_tokens, step_times
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         family = CounterMetricFamily("vllm:generation_tokens", "Tokens generated.", labels=["model_name"])
         family.add_metric([self._model_name], self._generated_tokens())
         yield family
+        times = self._step_times()
+        steps = HistogramMetricFamily(
+            "llm_engine_step_duration_seconds",
+            "Duration of one batched step (every running stream waits one step per token).",
+            labels=["model_name"],
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, STEP_BUCKETS), "+Inf"], times.counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        steps.add_metric([self._model_name], buckets, times.total_seconds)
+        yield steps
 
 
 class ServerMetrics:
@@ -97,8 +113,9 @@ class ServerMetrics:
         adapters: Callable[[], tuple[list[str], list[str]]],
         max_lora: int,
         generated_tokens: Callable[[], int],
+        step_times: Callable[[], StepTimes],
     ) -> None:
         self.running.labels(self.model_name).set_function(running)
         self.waiting.labels(self.model_name).set_function(waiting)
-        self.registry.register(_EngineCounters(self.model_name, generated_tokens))
+        self.registry.register(_EngineCounters(self.model_name, generated_tokens, step_times))
         self.registry.register(_LoraInfo(self.model_name, max_lora, adapters))

@@ -36,6 +36,7 @@ from llm_server.engine.interface import (
     Prompt,
     QueueFull,
     SamplingParams,
+    StepTimes,
     UnknownModel,
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
@@ -230,6 +231,7 @@ class BatchingEngine:
         self._batch = Batch(SlotCache(loaded.model.config.num_hidden_layers, max_batch_size, loaded.device))
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
         self._generated_tokens = 0
+        self._step_times = StepTimes()
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
         self._worker.start()
@@ -254,6 +256,10 @@ class BatchingEngine:
     @property
     def generated_tokens(self) -> int:
         return self._generated_tokens
+
+    @property
+    def step_times(self) -> StepTimes:
+        return self._step_times
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         with self._lock:
@@ -330,7 +336,9 @@ class BatchingEngine:
                     self._drop_cancelled()
                     newcomers = self._admit()
                     if self._batch or newcomers:
+                        started = time.perf_counter()
                         self._step(newcomers)
+                        self._step_times.observe(time.perf_counter() - started)
             except Exception as error:  # a failure fails the requests in the batch, not the worker
                 logger.exception("decoding step failed")
                 self._fail_all(error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -64,6 +65,22 @@ class ModelCard:
     path: str
 
 
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """How long the engine's steps took: every running stream waits one step per token, so the slowest
+    steps are the longest pauses any stream sees from the engine (bucketed as a Prometheus histogram)."""
+
+    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))
+    total_seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+
+
 class Engine(Protocol):
     @property
     def base_model(self) -> str: ...
@@ -80,6 +97,11 @@ class Engine(Protocol):
     @property
     def generated_tokens(self) -> int:
         """Tokens decoded so far, for every request, also those whose client left."""
+        ...
+
+    @property
+    def step_times(self) -> StepTimes:
+        """Durations of its batched steps (empty for an engine without steps)."""
         ...
 
     def models(self) -> list[ModelCard]: ...
