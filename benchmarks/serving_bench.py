@@ -16,11 +16,13 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,18 @@ def make_prompts(tokenizer: Any, count: int, lengths: list[int], seed: int) -> l
     return prompts
 
 
+async def event_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """SSE lines end at CR, LF or CRLF only; httpx's aiter_lines also splits on U+2028, NEL and others,
+    which a model may generate."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = re.split(r"\r\n|\r|\n", pending + text)
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> dict[str, Any]:
     body = {
         "model": model,
@@ -116,7 +130,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, m
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
+        async for line in event_lines(response):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])

@@ -22,7 +22,7 @@ from llm_server.api.schemas import (
     Usage,
     error_responses,
 )
-from llm_server.api.streaming import event_stream
+from llm_server.api.streaming import event_json, event_stream
 from llm_server.engine.interface import Prompt, SamplingParams
 
 router = APIRouter(
@@ -95,7 +95,7 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str,
     """OpenAI's stream framing: one JSON per event, an error event if generation fails, then [DONE]."""
     try:
         async for chunk in chunks:
-            yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            yield {"data": event_json(chunk)}
     except APIError as error:
         yield {"data": json.dumps(error_body(error.status, error.message, error.param))}
     except Exception:

@@ -27,7 +27,7 @@ from llm_server.api.schemas import (
     Usage,
     error_responses,
 )
-from llm_server.api.streaming import event_stream
+from llm_server.api.streaming import event_json, event_stream
 from llm_server.engine.interface import Prompt, SamplingParams
 
 router = APIRouter(tags=["simple"], responses=error_responses(503))
@@ -84,9 +84,7 @@ def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams)
         try:
             async for delta in deltas:
                 if delta.text:
-                    yield {
-                        "data": json.dumps({"text": delta.text, "message_id": message_id}, ensure_ascii=False)
-                    }
+                    yield {"data": event_json({"text": delta.text, "message_id": message_id})}
         except APIError as error:
             yield {"data": json.dumps(error_body(error.status, error.message, error.param))}
         except Exception:

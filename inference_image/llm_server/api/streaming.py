@@ -1,6 +1,8 @@
 """Server-sent events for a generation, closed on every path out (end, error, client gone)."""
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
@@ -8,6 +10,17 @@ from starlette.types import Receive, Scope, Send
 from llm_server.api.generation import ObservedStream
 
 PING_SECONDS = 15
+# Valid inside JSON strings and not SSE line ends, but line ends to str.splitlines and so to clients
+# that split lines that way (httpx's aiter_lines does): a generated NEL or U+2028 would cut the event.
+_LINE_ENDS_TO_SOME = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def event_json(payload: Any) -> str:
+    """An event's data: JSON with text kept as UTF-8, minus the characters some clients split lines on."""
+    text = json.dumps(payload, ensure_ascii=False)
+    for raw, escaped in _LINE_ENDS_TO_SOME.items():
+        text = text.replace(raw, escaped)
+    return text
 
 
 class GenerationEvents(EventSourceResponse):
