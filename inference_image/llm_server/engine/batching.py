@@ -134,10 +134,11 @@ class Batch:
         last = self.sequences[-1] if self.sequences else None
         return last if last is not None and last.prefilled < len(last.job.prompt.token_ids) else None
 
-    def plan(self, newcomers: list[Sequence]) -> StepPlan:
-        """The next step: every sequence decodes except the prompts being prefilled: the last row's
-        unfinished one, or the newcomers' (appended as new rows)."""
+    def plan(self, newcomers: list[Sequence]) -> tuple[StepPlan, list[Sequence], list[Sequence]]:
+        """The next step and who is in it: (plan, decoding, prefilling). Every sequence decodes except the
+        prompts being prefilled: the last row's unfinished one, or the newcomers' (appended as new rows)."""
         continuing = self.prefilling
+        decoding = [sequence for sequence in self.sequences if sequence is not continuing]
         prefilling = [continuing] if continuing is not None else newcomers
         parts = [
             PromptPart(len(sequence.job.prompt.token_ids), sequence.prefilled, sequence.chunk)
@@ -145,7 +146,7 @@ class Batch:
         ]
         plan = self.cache.plan(parts, continuing=continuing is not None)
         self.sequences.extend(newcomers)
-        return plan
+        return plan, decoding, prefilling
 
     def remove(self, finished: list[Sequence]) -> None:
         prefilling = self.prefilling
@@ -419,11 +420,8 @@ class BatchingEngine:
         (the newcomers', or the next chunk of a long one) go through with them; sequences whose prompt is
         complete then sample their next token from their last position."""
         loaded, batch = self._loaded, self._batch
-        continuing = batch.prefilling
-        decoding = [sequence for sequence in batch.sequences if sequence is not continuing]
-        prefilling = [continuing] if continuing is not None else newcomers
         with self._lock:
-            plan = batch.plan(newcomers)  # from here on a failure fails newcomers too (_fail_all)
+            plan, decoding, prefilling = batch.plan(newcomers)  # from here a failure fails newcomers too
         tokens = [sequence.next_token for sequence in decoding]
         positions = [sequence.length for sequence in decoding]
         adapters = [sequence.adapter or BASE_ADAPTER for sequence in decoding]
