@@ -23,7 +23,7 @@ from typing import Any
 
 from lightkube import Client
 
-from tests.operator.faults import WRITE_METHODS, FaultPlan, RequestFault, WatchFault
+from tests.operator.faults import WRITE_METHODS, FaultPlan, RequestFault, WatchFault, every_fault
 from tests.operator.harness import (
     Cluster,
     LLMServiceResource,
@@ -47,14 +47,7 @@ def scenarios() -> dict[str, tuple[list[RequestFault], list[WatchFault]]]:
         "429 throttling (10%, Retry-After 1 s)": ([RequestFault(429, rate=0.1, retry_after=1)], []),
         "410 expired watches (5% of events)": ([], [WatchFault(rate=0.05, expire=True, limit=100)]),
         "dropped watches (5% of events)": ([], [WatchFault(rate=0.05, expire=False, limit=100)]),
-        "all of them": (
-            [
-                RequestFault(409, rate=0.05, methods=WRITE_METHODS),
-                RequestFault(500, rate=0.05),
-                RequestFault(429, rate=0.05, retry_after=1),
-            ],
-            [WatchFault(rate=0.02, expire=True, limit=50), WatchFault(rate=0.02, expire=False, limit=50)],
-        ),
+        "all of them": every_fault(watch_limit=50),
     }
 
 
@@ -146,10 +139,7 @@ def main() -> None:
     for number, (name, (request_faults, watch_faults)) in enumerate(scenarios().items()):
         cluster, plan, clients = fresh_cluster(SEED + number)
         try:
-            for fault in request_faults:
-                plan.fail_requests(fault)
-            for watch_fault in watch_faults:
-                plan.end_watches(watch_fault)
+            plan.inject(request_faults, watch_faults)
             result = many_at_once(cluster, "bench", args.count, plan, clients)
         finally:
             cluster.stop()

@@ -77,6 +77,21 @@ class WatchFault:
     limit: int | None = None
 
 
+def every_fault(watch_limit: int) -> tuple[list[RequestFault], list[WatchFault]]:
+    """All fault kinds at once, each at a low rate: what the operator meets on a bad day."""
+    return (
+        [
+            RequestFault(409, rate=0.05, methods=WRITE_METHODS),
+            RequestFault(500, rate=0.05),
+            RequestFault(429, rate=0.05, retry_after=1),
+        ],
+        [
+            WatchFault(rate=0.02, expire=True, limit=watch_limit),
+            WatchFault(rate=0.02, expire=False, limit=watch_limit),
+        ],
+    )
+
+
 class FaultPlan:
     def __init__(self, seed: int = 0) -> None:
         self.random = random.Random(seed)
@@ -101,6 +116,13 @@ class FaultPlan:
     def end_watches(self, fault: WatchFault) -> FaultPlan:
         with self._lock:
             self.watch_faults.append(fault)
+        return self
+
+    def inject(self, request_faults: list[RequestFault], watch_faults: list[WatchFault]) -> FaultPlan:
+        for fault in request_faults:
+            self.fail_requests(fault)
+        for watch_fault in watch_faults:
+            self.end_watches(watch_fault)
         return self
 
     def keep_watches(self) -> None:

@@ -16,7 +16,7 @@ from lightkube import Client
 from lightkube.resources.core_v1 import Service
 
 from benchmarks.operator_faults import many_at_once
-from tests.operator.faults import WRITE_METHODS, FaultPlan, RequestFault, WatchFault
+from tests.operator.faults import WRITE_METHODS, FaultPlan, RequestFault, WatchFault, every_fault
 from tests.operator.harness import (
     Cluster,
     LLMServiceResource,
@@ -168,11 +168,7 @@ def test_many_llmservices_created_at_once_converge_under_every_fault(
     figure,  # type: ignore[no-untyped-def]
 ) -> None:
     """The light version of `make bench-faults` (200 LLMServices per fault kind there)."""
-    faults.fail_requests(RequestFault(409, rate=0.05, methods=WRITE_METHODS))
-    faults.fail_requests(RequestFault(500, rate=0.05))
-    faults.fail_requests(RequestFault(429, rate=0.05, retry_after=1))
-    faults.end_watches(WatchFault(rate=0.02, expire=True, limit=20))
-    faults.end_watches(WatchFault(rate=0.02, expire=False, limit=20))
+    faults.inject(*every_fault(watch_limit=20))
     clients = [cluster.client() for _ in range(4)]
     result = many_at_once(cluster, namespace, 40, faults, clients)
     assert faults.total() > 0
