@@ -47,6 +47,7 @@ BENCH_SHAPE = ModelShape(
 PROMPT_TOKENS, OUTPUT_TOKENS = 64, 64
 LONG_PROMPTS, LONG_PROMPT_TOKENS = 8, 900  # against the server's default 512-token prefill chunks
 SLOW_STEP_S = 0.25
+SPACED, BACK_TO_BACK = "a decoding step between prefills (default)", "prefills back to back (0)"
 
 
 @dataclass
@@ -205,8 +206,8 @@ def step_buckets(url: str) -> dict[str, float]:
 
 def long_prompt_run(url: str, label: str, fixed: list[str], long: list[str]) -> dict[str, Any]:
     """How long a long prompt's prefill holds up the running streams: each waits one engine step per token,
-    so the steps' durations (the server's histogram) are the pauses. Timing text events at the client
-    would not show it: tokens that complete no character stream no text, merging steps."""
+    so the steps' durations (the server's histogram) are the pauses, counted in the engine itself (the
+    clients' gaps between chunks add the event loop's and their own scheduling on the same two cores)."""
     # The first long prompt grows the cache to its high-water mark (a one-time allocation): not counted.
     warm_streams = [(p, OUTPUT_TOKENS, "bench") for p in fixed[:8]]
     asyncio.run(streams_beside_long_prompts(url, warm_streams, [(long[0], 8, "bench")]))
@@ -226,6 +227,29 @@ def long_prompt_run(url: str, label: str, fixed: list[str], long: list[str]) -> 
         "long_prompt_ttft_p50_ms": summarize("batching", "", 1, longs, longs_s).ttft_ms["p50"],
     }
     print(f"  8 streams beside {LONG_PROMPTS} long prompts, {label}: {figures}", flush=True)
+    return figures
+
+
+def spacing_run(url: str, label: str, fixed: list[str], mixed: list[str]) -> dict[str, Any]:
+    """8 closed-loop streams, equal lengths and then mixed, for LLM_DECODE_STEPS_BETWEEN_PREFILLS side by
+    side: first tokens (TTFT), the pauses between tokens (ITL) and tokens/s."""
+    rng = random.Random(5)
+    workloads = {
+        "fixed": [(fixed[i], OUTPUT_TOKENS, "bench") for i in range(64)],
+        "mixed": [(mixed[i], rng.choice([16, 32, 64, 128]), "bench") for i in range(64)],
+    }
+    asyncio.run(drive(url, workloads["mixed"][:16], 8))  # the cache's one-time growth, not measured
+    figures: dict[str, Any] = {}
+    for name, jobs in workloads.items():
+        result = summarize("batching", name, 8, *asyncio.run(drive(url, jobs, 8)))
+        figures[name] = {
+            "ttft_p50_ms": result.ttft_ms["p50"],
+            "ttft_p99_ms": result.ttft_ms["p99"],
+            "itl_p50_ms": result.itl_ms["p50"],
+            "itl_p99_ms": result.itl_ms["p99"],
+            "output_tokens_per_s": result.output_tokens_per_s,
+        }
+    print(f"  8 streams, {label}: {figures}", flush=True)
     return figures
 
 
@@ -358,6 +382,7 @@ def main() -> int:
     mixed = make_prompts(tokenizer, 256, mixed_lengths, seed=2)
     long = make_prompts(tokenizer, LONG_PROMPTS, [LONG_PROMPT_TOKENS], seed=4)
     long_prompts: dict[str, Any] = {}
+    spacing: dict[str, Any] = {}
 
     results: list[Result] = []
     for engine in ("batching", "seed"):
@@ -382,8 +407,14 @@ def main() -> int:
                 results.append(summarize(engine, "mixed+adapters", 32, runs, duration))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
                 long_prompts["chunked"] = long_prompt_run(server.url, "chunked (default)", fixed, long)
+                spacing[SPACED] = spacing_run(server.url, SPACED, fixed, mixed)
         finally:
             server.stop()
+    back_to_back = Server("batching", model_dir, adapter_dir, LLM_DECODE_STEPS_BETWEEN_PREFILLS="0")
+    try:
+        spacing[BACK_TO_BACK] = spacing_run(back_to_back.url, BACK_TO_BACK, fixed, mixed)
+    finally:
+        back_to_back.stop()
     unchunked = Server("batching", model_dir, adapter_dir, LLM_PREFILL_CHUNK_TOKENS="0")
     try:
         long_prompts["unchunked"] = long_prompt_run(unchunked.url, "unchunked", fixed, long)
@@ -424,12 +455,14 @@ def main() -> int:
         "machine": machine,
         "results": [asdict(r) for r in results],
         "long_prompts": long_prompts,
+        "prefill_spacing": spacing,
         "offline": bounds,
         "ratios": ratios,
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2))
     print("\n" + table(results))
     print("long prompts:", json.dumps(long_prompts))
+    print("prefill spacing:", json.dumps(spacing))
     print("\noffline:", json.dumps(bounds))
     print("ratios:", json.dumps(ratios))
     write_markdown(report)
@@ -456,6 +489,9 @@ Offline on the same 32 prompts: {json.dumps(report["offline"])}
 8 streams beside {LONG_PROMPTS} {LONG_PROMPT_TOKENS}-token prompts, engine steps from the server's
 `llm_engine_step_duration_seconds` (each stream waits one step per token), prompts in 512-token chunks
 (default) and whole (`LLM_PREFILL_CHUNK_TOKENS=0`): {json.dumps(report["long_prompts"])}
+
+8 streams with a decoding-only step after each prefill (default on a CPU) and with prefills back to back
+(`LLM_DECODE_STEPS_BETWEEN_PREFILLS=0`), equal lengths and mixed: {json.dumps(report["prefill_spacing"])}
 
 Ratios: {json.dumps(report["ratios"])}
 

@@ -41,6 +41,13 @@ class ServerSettings(BaseSettings):
         "requests decode, so it pauses their streams for a bounded time per step; default: 2048 on a GPU, "
         "512 on a CPU; 0: never chunk.",
     )
+    decode_steps_between_prefills: int | None = Field(
+        None,
+        ge=0,
+        description="Steps that only decode after one that prefilled, while fewer requests wait than "
+        "decode, so streams do not stall behind prompts step after step; default: 1 on a CPU, 0 on a GPU "
+        "(as vLLM).",
+    )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(
         None, description="When set, every non-health endpoint needs it as Bearer."

@@ -48,6 +48,7 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
         settings.max_batch_tokens,
         settings.max_prefill_tokens,
         settings.prefill_chunk_tokens,
+        settings.decode_steps_between_prefills,
     )
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import itertools
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,5 +335,61 @@ def test_prompts_prefilled_in_chunks_match_generate_alone(loaded: LoadedModel) -
             assert tokens(deltas) == reference(loaded, prompt, n), prompt.model
         assert chunked, "no prompt was prefilled in chunks"
         assert engine.running == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("between", "decoding", "gaps"),
+    [
+        (0, 4, [1, 1]),  # vLLM's way: a newcomer joins at the next step, whatever the last step did
+        (1, 4, [2, 2]),  # the CPU default: a decoding-only step after each prefill
+        (1, 1, [1, 2]),  # as many waiting as decoding: they join step after step until fewer wait
+    ],
+)
+def test_prompts_joining_a_decoding_batch_are_spaced_by_decoding_steps(
+    loaded: LoadedModel, between: int, decoding: int, gaps: list[int]
+) -> None:
+    """LLM_DECODE_STEPS_BETWEEN_PREFILLS: while fewer requests wait than decode, a step that prefilled is
+    followed by that many steps that only decode. Three prompts arrive together at a batch already
+    decoding; one prompt joins per step (a 1-token prefill budget)."""
+    engine = BatchingEngine(
+        loaded,
+        "tiny",
+        max_batch_size=8,
+        max_queued=16,
+        max_batch_tokens=4096,
+        max_prefill_tokens=1,
+        decode_steps_between_prefills=between,
+    )
+    prefilled: list[int] = []  # prompts prefilled, step by step
+    plan = engine._batch.cache.plan
+
+    def spy(parts, continuing=False):  # type: ignore[no-untyped-def]
+        step = plan(parts, continuing)
+        prefilled.append(len(step.prefills))
+        return step
+
+    engine._batch.cache.plan = spy  # type: ignore[method-assign]
+    prompt = engine.encode_text("tiny", PROMPTS[0])
+    long, short = (SamplingParams(n, temperature=0, ignore_eos=True) for n in (60, 3))
+    try:
+
+        async def scenario() -> list[list[Delta]]:
+            running = [asyncio.Event() for _ in range(decoding)]
+            first = [asyncio.create_task(collect(engine, prompt, long, event)) for event in running]
+            for event in running:
+                await event.wait()
+            with engine._model_lock:  # no step starts until all three wait
+                prefilled.clear()
+                joiners = [asyncio.create_task(collect(engine, prompt, short)) for _ in range(3)]
+                while engine.waiting < 3:
+                    await asyncio.sleep(0.001)
+            return await asyncio.gather(*first, *joiners)
+
+        results = asyncio.run(scenario())
+        assert [deltas[-1].completion_tokens for deltas in results] == [60] * decoding + [3] * 3
+        steps = [index for index, prompts in enumerate(prefilled) if prompts]
+        assert [later - earlier for earlier, later in itertools.pairwise(steps)] == gaps
     finally:
         engine.shutdown()

@@ -156,3 +156,23 @@ def test_unicode_survives_streaming(client: openai.OpenAI) -> None:
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             chunk.choices[0].delta.content.encode("utf-8")  # a lone surrogate would raise here
+
+
+def test_a_completion_stream_has_a_chunk_per_token(client: openai.OpenAI) -> None:
+    """As vLLM's: a token that completes no character yet (half of a multi-byte one) still sends its
+    chunk, with empty text, so a client's time to first token is the first token's."""
+    stream = client.completions.create(
+        model="tiny",
+        prompt="你好，世界。こんにちは。🙂",  # noqa: RUF001
+        max_tokens=40,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    texts = [chunk.choices[0].text for chunk in chunks if chunk.choices]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
+    assert len(texts) == 40
+    assert "" in texts, "every token completed a character: pick a prompt or seed that splits one"

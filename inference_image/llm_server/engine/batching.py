@@ -4,10 +4,11 @@ A request joins at the next step: its prompt is prefilled in the same forward th
 requests (attention.py), and its first token comes out of that step. It leaves the batch the moment it
 finishes, hits a stop string, runs out of tokens or its client goes away; its row of the KV cache goes
 with it. Rows end at a common column of one preallocated cache (slots.py), each with its own mask and
-positions; at most LLM_MAX_PREFILL_TOKENS of prompt join per step, and a prompt longer than
-LLM_PREFILL_CHUNK_TOKENS is prefilled over several steps (slots.py places it). peft picks each token's adapter
-(or none) in the same forward pass. One worker thread runs the model; the event loop only receives
-deltas (call_soon_threadsafe).
+positions; at most LLM_MAX_PREFILL_TOKENS of prompt join per step, a prompt longer than
+LLM_PREFILL_CHUNK_TOKENS is prefilled over several steps (slots.py places it), and while fewer wait than
+decode a step that prefilled is followed by LLM_DECODE_STEPS_BETWEEN_PREFILLS steps that only decode. peft
+picks each token's adapter (or none) in the same forward pass. One worker thread runs the model; the
+event loop only receives deltas (call_soon_threadsafe).
 """
 
 from __future__ import annotations
@@ -111,11 +112,10 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the cache; below the prompt's length it is not decoding yet
     chunk: int = 0  # prompt tokens per step when its prompt is prefilled in chunks (0: at once)
     produced: int = 0
-    unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in a delta
 
     def delta(self, text: str, finish_reason: str | None = None) -> Delta:
-        ids, self.unsent = tuple(self.unsent), []
-        return Delta(text, self.produced, finish_reason, ids)
+        """The delta of the token just sampled."""
+        return Delta(text, self.produced, finish_reason, (self.next_token,))
 
 
 class Batch:
@@ -194,6 +194,17 @@ def chunk_tokens(device: torch.device) -> int:
     return GPU_PREFILL_TOKENS if device.type == "cuda" else CPU_CHUNK_TOKENS
 
 
+def decode_steps_between_prefills_default(device: torch.device) -> int:
+    """By default on a CPU, a step that prefilled is followed by one that only decodes, while fewer requests
+    wait than decode (as many waiting as decoding: their first tokens matter as much, they join at once, as
+    TGI's waiting_served_ratio). There a 64-token prompt costs about two 8-row decoding steps, and prompts
+    joining step after step stall every stream step after step. It also breaks the lockstep of closed-loop
+    clients with equal lengths, where each newcomer otherwise arrives during the previous one's prefill and
+    waits for all of it. Side by side in `make bench` (docs/performance.md). On a GPU a prompt adds little
+    to a step: none, as vLLM."""
+    return 0 if device.type == "cuda" else 1
+
+
 def prefill_budget(device: torch.device, running: int) -> int:
     """Prompt tokens one step may prefill by default (one request always fits).
 
@@ -217,6 +228,7 @@ class BatchingEngine:
         max_batch_tokens: int,
         max_prefill_tokens: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        decode_steps_between_prefills: int | None = None,
     ) -> None:
         self._loaded = loaded
         self._base_model = base_model
@@ -225,6 +237,12 @@ class BatchingEngine:
         self._max_batch_tokens = max_batch_tokens
         self._max_prefill_tokens = max_prefill_tokens  # None: prefill_budget()
         self._chunk_tokens = prefill_chunk_tokens  # None: chunk_tokens(); 0: never chunk
+        self._decode_steps_between_prefills = (
+            decode_steps_between_prefills_default(loaded.device)
+            if decode_steps_between_prefills is None
+            else decode_steps_between_prefills
+        )
+        self._decoded_since_prefill = 0  # decoding-only steps since the last step that prefilled
         self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
@@ -338,7 +356,8 @@ class BatchingEngine:
                     newcomers = self._admit()
                     if self._batch or newcomers:
                         started = time.perf_counter()
-                        self._step(newcomers)
+                        prefilled = self._step(newcomers)
+                        self._decoded_since_prefill = 0 if prefilled else self._decoded_since_prefill + 1
                         self._step_times.observe(time.perf_counter() - started)
             except Exception as error:  # a failure fails the requests in the batch, not the worker
                 logger.exception("decoding step failed")
@@ -368,6 +387,11 @@ class BatchingEngine:
         admitted: list[Job] = []
         if self._batch.prefilling is not None:
             return []  # first come, first served: a prompt in chunks has the steps' prompt budget
+        if (
+            len(self._waiting) < len(self._batch)
+            and self._decoded_since_prefill < self._decode_steps_between_prefills
+        ):
+            return []  # the decoding streams get their decoding-only step(s) between two prefills
         chunk = chunk_tokens(self._loaded.device) if self._chunk_tokens is None else self._chunk_tokens
         chunk = chunk or 2**62  # 0: never
         with self._lock:
@@ -415,10 +439,10 @@ class BatchingEngine:
             chunk=chunk if len(job.prompt.token_ids) > chunk > 0 else 0,
         )
 
-    def _step(self, newcomers: list[Sequence]) -> None:
+    def _step(self, newcomers: list[Sequence]) -> bool:
         """One forward: every running sequence decodes its pending token, and the prompts being prefilled
         (the newcomers', or the next chunk of a long one) go through with them; sequences whose prompt is
-        complete then sample their next token from their last position."""
+        complete then sample their next token from their last position. True if it prefilled."""
         loaded, batch = self._loaded, self._batch
         with self._lock:
             plan, decoding, prefilling = batch.plan(newcomers)  # from here a failure fails newcomers too
@@ -458,13 +482,15 @@ class BatchingEngine:
                 finished.append(sequence)
         if finished:
             self._retire(finished)
+        return bool(prefilling)
 
     def _emit(self, sequence: Sequence) -> bool:
-        """Hands the sampled token to the client; True when the sequence is done."""
+        """Hands the sampled token to the client; True when the sequence is done. Every token makes a
+        delta, as in vLLM, also one that completes no character yet (its text is empty, its id is there):
+        the first token's time is the time to first token, and a client sees each step's progress."""
         job, token = sequence.job, sequence.next_token
         sequence.produced += 1
         self._generated_tokens += 1
-        sequence.unsent.append(token)
         stops, detokenizer = sequence.stops, sequence.detokenizer
         if token == self._loaded.tokenizer.eos_token_id and not job.params.ignore_eos:
             job.emit(sequence.delta(stops.feed(detokenizer.flush()) + stops.flush(), "stop"))
@@ -476,8 +502,7 @@ class BatchingEngine:
         if sequence.produced >= job.params.max_tokens:
             job.emit(sequence.delta(text + stops.feed(detokenizer.flush()) + stops.flush(), "length"))
             return True
-        if text:
-            job.emit(sequence.delta(text))
+        job.emit(sequence.delta(text))
         return False
 
     def _drop_cancelled(self) -> None:
