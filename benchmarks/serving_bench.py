@@ -230,26 +230,45 @@ def long_prompt_run(url: str, label: str, fixed: list[str], long: list[str]) -> 
     return figures
 
 
-def spacing_run(url: str, label: str, fixed: list[str], mixed: list[str]) -> dict[str, Any]:
-    """8 closed-loop streams, equal lengths and then mixed, for LLM_DECODE_STEPS_BETWEEN_PREFILLS side by
-    side: first tokens (TTFT), the pauses between tokens (ITL) and tokens/s."""
+def interleaved(
+    urls: dict[str, str], jobs: list[tuple[str, int, str]], concurrency: int, order: list[str]
+) -> dict[str, tuple[list[dict[str, Any]], float]]:
+    """The same closed-loop run against several servers in `order` (A-B-A, A-B-B-A), each server's runs
+    pooled: this machine's speed drifts by up to ~10% over minutes, and a ratio of runs taken minutes apart
+    would measure the drift too."""
+    pooled: dict[str, tuple[list[dict[str, Any]], float]] = {}
+    for name in order:
+        runs, duration = asyncio.run(drive(urls[name], jobs, concurrency))
+        earlier, spent = pooled.get(name, ([], 0.0))
+        pooled[name] = (earlier + runs, spent + duration)
+    return pooled
+
+
+def spacing_runs(urls: dict[str, str], fixed: list[str], mixed: list[str]) -> dict[str, Any]:
+    """8 closed-loop streams, equal lengths and then mixed, with a decoding-only step after each prefill
+    (default on a CPU) and with prefills back to back, on two fresh servers taking turns (A-B-B-A): first
+    tokens (TTFT), the pauses between tokens (ITL) and tokens/s."""
     rng = random.Random(5)
     workloads = {
         "fixed": [(fixed[i], OUTPUT_TOKENS, "bench") for i in range(64)],
         "mixed": [(mixed[i], rng.choice([16, 32, 64, 128]), "bench") for i in range(64)],
     }
-    asyncio.run(drive(url, workloads["mixed"][:16], 8))  # the cache's one-time growth, not measured
-    figures: dict[str, Any] = {}
-    for name, jobs in workloads.items():
-        result = summarize("batching", name, 8, *asyncio.run(drive(url, jobs, 8)))
-        figures[name] = {
-            "ttft_p50_ms": result.ttft_ms["p50"],
-            "ttft_p99_ms": result.ttft_ms["p99"],
-            "itl_p50_ms": result.itl_ms["p50"],
-            "itl_p99_ms": result.itl_ms["p99"],
-            "output_tokens_per_s": result.output_tokens_per_s,
-        }
-    print(f"  8 streams, {label}: {figures}", flush=True)
+    for url in urls.values():  # the cache's one-time growth to these lengths, not measured
+        asyncio.run(drive(url, workloads["mixed"][:16], 8))
+    figures: dict[str, Any] = {name: {} for name in urls}
+    for workload, jobs in workloads.items():
+        pooled = interleaved(urls, jobs, 8, [SPACED, BACK_TO_BACK, BACK_TO_BACK, SPACED])
+        for name, (runs, duration) in pooled.items():
+            result = summarize("batching", workload, 8, runs, duration)
+            figures[name][workload] = {
+                "ttft_p50_ms": result.ttft_ms["p50"],
+                "ttft_p99_ms": result.ttft_ms["p99"],
+                "itl_p50_ms": result.itl_ms["p50"],
+                "itl_p99_ms": result.itl_ms["p99"],
+                "output_tokens_per_s": result.output_tokens_per_s,
+            }
+    for name, figure in figures.items():
+        print(f"  8 streams, {name}: {figure}", flush=True)
     return figures
 
 
@@ -382,38 +401,42 @@ def main() -> int:
     mixed = make_prompts(tokenizer, 256, mixed_lengths, seed=2)
     long = make_prompts(tokenizer, LONG_PROMPTS, [LONG_PROMPT_TOKENS], seed=4)
     long_prompts: dict[str, Any] = {}
-    spacing: dict[str, Any] = {}
 
     results: list[Result] = []
-    for engine in ("batching", "seed"):
-        server = Server(engine, model_dir, adapter_dir)
-        try:
-            asyncio.run(drive(server.url, [(fixed[0], 8, "bench")] * 2, 1))  # warm-up
-            for concurrency in args.concurrency:
-                if engine == "seed" and concurrency > args.skip_seed_above:
-                    continue
-                count = max(concurrency * args.requests_per_client, 8)
-                jobs = [(fixed[i % len(fixed)], OUTPUT_TOKENS, "bench") for i in range(count)]
-                runs, duration = asyncio.run(drive(server.url, jobs, concurrency))
+    servers = {engine: Server(engine, model_dir, adapter_dir) for engine in ("batching", "seed")}
+    try:
+        urls = {engine: server.url for engine, server in servers.items()}
+        for url in urls.values():
+            asyncio.run(drive(url, [(fixed[0], 8, "bench")] * 2, 1))  # warm-up
+        for concurrency in args.concurrency:
+            count = max(concurrency * args.requests_per_client, 8)
+            jobs = [(fixed[i % len(fixed)], OUTPUT_TOKENS, "bench") for i in range(count)]
+            with_seed = concurrency <= args.skip_seed_above
+            order = ["batching", "seed", "batching"] if with_seed else ["batching"]
+            for engine, (runs, duration) in interleaved(urls, jobs, concurrency, order).items():
                 results.append(summarize(engine, "fixed", concurrency, runs, duration))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
-            if engine == "batching":
-                rng = random.Random(3)
-                jobs = [
-                    (mixed[i], rng.choice([16, 32, 64, 128]), rng.choice(["bench", "support"]))
-                    for i in range(128)  # 4 per client: the first wave (32 at once) is a quarter of them
-                ]
-                runs, duration = asyncio.run(drive(server.url, jobs, 32))
-                results.append(summarize(engine, "mixed+adapters", 32, runs, duration))
-                print(table(results[-1:]).splitlines()[-1], flush=True)
-                long_prompts["chunked"] = long_prompt_run(server.url, "chunked (default)", fixed, long)
-                spacing[SPACED] = spacing_run(server.url, SPACED, fixed, mixed)
-        finally:
+        servers.pop("seed").stop()
+        bounds = offline_bounds(model_dir, fixed[:32], device)  # close in time to the runs it bounds
+        url = urls["batching"]
+        rng = random.Random(3)
+        jobs = [
+            (mixed[i], rng.choice([16, 32, 64, 128]), rng.choice(["bench", "support"]))
+            for i in range(128)  # 4 per client: the first wave (32 at once) is a quarter of them
+        ]
+        runs, duration = asyncio.run(drive(url, jobs, 32))
+        results.append(summarize("batching", "mixed+adapters", 32, runs, duration))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+        long_prompts["chunked"] = long_prompt_run(url, "chunked (default)", fixed, long)
+    finally:
+        for server in servers.values():
             server.stop()
+    spaced = Server("batching", model_dir, adapter_dir)
     back_to_back = Server("batching", model_dir, adapter_dir, LLM_DECODE_STEPS_BETWEEN_PREFILLS="0")
     try:
-        spacing[BACK_TO_BACK] = spacing_run(back_to_back.url, BACK_TO_BACK, fixed, mixed)
+        spacing = spacing_runs({SPACED: spaced.url, BACK_TO_BACK: back_to_back.url}, fixed, mixed)
     finally:
+        spaced.stop()
         back_to_back.stop()
     unchunked = Server("batching", model_dir, adapter_dir, LLM_PREFILL_CHUNK_TOKENS="0")
     try:
@@ -421,7 +444,6 @@ def main() -> int:
     finally:
         unchunked.stop()
 
-    bounds = offline_bounds(model_dir, fixed[:32], device)
     by_key = {(r.engine, r.scenario, r.concurrency): r for r in results}
     ours32 = by_key[("batching", "fixed", 32)].output_tokens_per_s
     seed32 = by_key.get(("seed", "fixed", 32))
@@ -480,7 +502,9 @@ Machine: {machine["platform"]}, {machine["cpus"]} CPUs, device {machine["device"
 Python {machine["python"]}, torch {machine["torch"]}, transformers {machine["transformers"]}.
 Model: Llama-shaped, random weights, {machine["parameters"]} parameters, {machine["model"]}.
 Fixed scenario: {machine["prompt_tokens"]}-token prompts, {machine["output_tokens"]} output tokens with EOS
-ignored, streamed over HTTP (`/v1/completions`), closed-loop clients.
+ignored, streamed over HTTP (`/v1/completions`), closed-loop clients. Up to 32 streams the two engines'
+servers take turns (batching, seed, batching; the batching runs pooled), so the machine's drift over the
+minutes the seed takes (up to ~10% here) stays out of the ratio.
 
 {table(results)}
 
