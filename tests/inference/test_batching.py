@@ -13,7 +13,7 @@ import torch
 from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.batching import BatchingEngine
 from llm_server.engine.interface import ContextTooLong, Delta, Prompt, QueueFull, SamplingParams
-from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model
+from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model, pick_dtype
 
 PROMPTS = [
     "The quick brown fox",
@@ -391,5 +391,35 @@ def test_prompts_joining_a_decoding_batch_are_spaced_by_decoding_steps(
         assert [deltas[-1].completion_tokens for deltas in results] == [60] * decoding + [3] * 3
         steps = [index for index, prompts in enumerate(prefilled) if prompts]
         assert [later - earlier for earlier, later in itertools.pairwise(steps)] == gaps
+    finally:
+        engine.shutdown()
+
+
+def test_bfloat16_what_a_gpu_gets_by_default_serves_mixed_adapters_like_generate(
+    demo: tuple[Path, Path],
+) -> None:
+    """The engine's bf16 path (the CUDA default), run on this CPU: the KV cache follows the model's dtype
+    and greedy tokens follow model.generate in bf16. Only the first tokens are compared: bf16 rounding
+    depends on the matrix shapes, which batching changes, so a near tie may later go the other way."""
+    assert pick_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    model, adapter = demo
+    loaded = load_model(model, {"support": adapter}, "bfloat16", "cpu", None)
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=8, max_queued=16, max_batch_tokens=4096)
+    try:
+        models = ["tiny", "support", "tiny", "support", "tiny"]
+        prompts = [engine.encode_text(name, text) for name, text in zip(models, PROMPTS, strict=True)]
+        params = SamplingParams(20, temperature=0, ignore_eos=True)
+
+        async def scenario() -> list[list[Delta]]:
+            return await asyncio.gather(*(collect(engine, prompt, params) for prompt in prompts))
+
+        results = asyncio.run(scenario())
+        assert {layer.keys.dtype for layer in engine._batch.cache.layers if layer.keys is not None} == {
+            torch.bfloat16
+        }
+        for prompt, deltas in zip(prompts, results, strict=True):
+            assert deltas[-1].completion_tokens == 20
+            expected = reference(loaded, prompt, 20)[:8]
+            assert tokens(deltas)[: len(expected)] == expected, prompt.model
     finally:
         engine.shutdown()
