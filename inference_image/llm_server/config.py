@@ -45,8 +45,8 @@ class ServerSettings(BaseSettings):
         None,
         ge=0,
         description="Steps that only decode after one that prefilled, while fewer requests wait than "
-        "decode, so streams do not stall behind prompts step after step; default: 1 on a CPU, 0 on a GPU "
-        "(as vLLM).",
+        "decode (on a CPU it keeps clients with equal lengths from arriving in lockstep during each other's "
+        "prefill); default: 1 on a CPU, 0 on a GPU (as vLLM).",
     )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(
