@@ -176,3 +176,23 @@ def test_a_completion_stream_has_a_chunk_per_token(client: openai.OpenAI) -> Non
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
     assert len(texts) == 40
     assert "" in texts, "every token completed a character: pick a prompt or seed that splits one"
+
+
+def test_a_chat_stream_has_a_chunk_per_token(client: openai.OpenAI) -> None:
+    """The chat stream too: after the role chunk, one chunk per generated token, as vLLM's."""
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "你好，世界。こんにちは。🙂"}],  # noqa: RUF001
+        max_tokens=40,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    contents = [chunk.choices[0].delta.content for chunk in chunks[1:] if chunk.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
+    assert len(contents) == 40
+    assert "" in contents, "every token completed a character: pick a prompt or seed that splits one"

@@ -128,20 +128,19 @@ def _chat_stream(
             ],
         }
         completion_tokens = 0
-        async for delta in deltas:
+        async for delta in deltas:  # a chunk per token, as vLLM's: empty content for half a character
             completion_tokens = delta.completion_tokens
-            if delta.text or delta.finish_reason:
-                yield {
-                    **base,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"content": delta.text} if delta.text else {},
-                            "logprobs": None,
-                            "finish_reason": delta.finish_reason,
-                        }
-                    ],
-                }
+            yield {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": delta.text},
+                        "logprobs": None,
+                        "finish_reason": delta.finish_reason,
+                    }
+                ],
+            }
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
 

@@ -488,7 +488,7 @@ class BatchingEngine:
     def _emit(self, sequence: Sequence) -> bool:
         """Hands the sampled token to the client; True when the sequence is done. Every token makes a
         delta, also one that completes no character yet (empty text, its id): the API's time to first token
-        is the first token's, and /v1/completions streams a chunk per token, as vLLM's does."""
+        is the first token's, and the OpenAI streams send a chunk per token, as vLLM's do."""
         job, token = sequence.job, sequence.next_token
         sequence.produced += 1
         self._generated_tokens += 1
