@@ -3,7 +3,9 @@
 import asyncio
 import contextlib
 import itertools
+import json
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.batching import BatchingEngine
 from llm_server.engine.interface import ContextTooLong, Delta, Prompt, QueueFull, SamplingParams
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model, pick_dtype
+from llm_server.engine.stops import StopMatcher
 
 PROMPTS = [
     "The quick brown fox",
@@ -427,3 +430,114 @@ def test_bfloat16_what_a_gpu_gets_by_default_serves_mixed_adapters_like_generate
             assert tokens(deltas)[: len(expected)] == expected, prompt.model
     finally:
         engine.shutdown()
+
+
+def test_the_earliest_stop_string_ends_the_text_whichever_is_listed_first() -> None:
+    """One token (or the final flush) can bring several stop strings in at once: the text ends at the first
+    to appear, not at the first listed."""
+    for stops in (("world", "o"), ("o", "world")):
+        matcher = StopMatcher(stops)
+        assert matcher.feed("hel") + matcher.feed("lo world") == "hell"
+        assert matcher.stopped
+
+
+def test_a_step_that_fails_before_its_newcomers_join_fails_them_too(engine: BatchingEngine) -> None:
+    """A failure while the step is planned (the cache growing out of GPU memory) reaches the requests that
+    were about to join: their clients get an error now, not silence until the request timeout."""
+    prompt = engine.encode_text("tiny", PROMPTS[0])
+    plan = engine._batch.cache.plan
+    failures = iter([RuntimeError("CUDA out of memory")])
+
+    def fails_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for failure in failures:
+            raise failure
+        return plan(*args, **kwargs)
+
+    engine._batch.cache.plan = fails_once  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[BaseException | list[Delta], ...]:
+        first = collect(engine, prompt, SamplingParams(5, temperature=0))
+        return tuple(await asyncio.wait_for(asyncio.gather(first, return_exceptions=True), 30))
+
+    (failed,) = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError) and "generation failed" in str(failed)
+    served = asyncio.run(collect(engine, prompt, SamplingParams(5, temperature=0)))
+    assert served[-1].completion_tokens == 5
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_every_end_of_turn_id_of_the_generation_config_ends_a_request(
+    demo: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Chat models list end-of-turn ids beside EOS in generation_config.json (Llama 3's <|eot_id|>):
+    the engine stops on each, as model.generate does, instead of running on to max_tokens."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(demo[0], model_dir)
+    plain = load_model(model_dir, {}, "float32", "cpu", None)
+    prompt = Prompt(model="tiny", token_ids=tuple(plain.tokenizer.encode(PROMPTS[3])))
+    free = greedy_without_adapters(plain, prompt, 12, ignore_eos=True)
+    turn_end = next(token for i, token in enumerate(free) if i >= 2 and token not in free[:i])
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [plain.tokenizer.eos_token_id, turn_end]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+
+    loaded = load_model(model_dir, {}, "float32", "cpu", None)
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=4096)
+    try:
+        deltas = asyncio.run(collect(engine, prompt, SamplingParams(12, temperature=0)))
+    finally:
+        engine.shutdown()
+    expected = greedy_without_adapters(loaded, prompt, 12, ignore_eos=False)
+    assert expected == free[: free.index(turn_end) + 1], "model.generate stops there too"
+    assert tokens(deltas) == expected
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == len(expected)
+
+
+def greedy_without_adapters(
+    loaded: LoadedModel, prompt: Prompt, max_tokens: int, ignore_eos: bool
+) -> list[int]:
+    ids = torch.tensor([prompt.token_ids])
+    with torch.inference_mode(), transformers_sdpa(loaded):
+        out = loaded.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens if ignore_eos else None,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_the_cache_budget_holds_prompt_and_max_tokens_not_what_is_generated_twice(
+    loaded: LoadedModel,
+) -> None:
+    """Two requests that fit the cache budget together (prompt + max_tokens each) run together, also
+    when the second arrives after the first has generated some of its tokens."""
+    probe = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=4096)
+    prompt = probe.encode_text("tiny", PROMPTS[0])
+    probe.shutdown()
+    params = SamplingParams(60, temperature=0, ignore_eos=True)
+    budget = 2 * (len(prompt.token_ids) + params.max_tokens)
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=budget)
+
+    async def scenario() -> tuple[int, list[Delta]]:
+        first = engine.generate(prompt, params)
+        produced = 0
+        async for delta in first:
+            produced = delta.completion_tokens
+            if produced >= 10:
+                break
+        second = engine.generate(prompt, params)
+        await anext(second)
+        first_had = engine.running
+        rest = [delta async for delta in first]
+        await second.aclose()
+        return first_had, rest
+
+    try:
+        running_when_second_started, rest = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert running_when_second_started == 2, "the second waited for the first to finish"
+    assert rest[-1].completion_tokens == 60

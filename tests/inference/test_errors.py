@@ -62,6 +62,32 @@ def test_unknown_model_or_adapter(server: RunningServer) -> None:
     assert_error(httpx.post(f"{server.url}/generate", json={"prompt": "x", "model": "nope"}), 404)
 
 
+def test_a_request_whose_adapter_is_unloaded_while_it_waits_is_404(demo: tuple[Path, Path]) -> None:
+    """The race an unload can lose (the request passed the model check, then its adapter went): the
+    client gets the unknown-model 404, as if it had come a moment later, not a 500."""
+    from llm_server.engine.loading import detach_adapter
+
+    model, adapter = demo
+    with running_server(model, adapters={"support": adapter}, served_model_name="tiny") as server:
+        engine = server.app.state.server.generation.engine
+        body = {**CHAT, "model": "support"}
+        with engine._model_lock:  # no step can start: the request waits in the queue
+            responses: list[httpx.Response] = []
+            sender = threading.Thread(
+                target=lambda: responses.append(httpx.post(f"{server.url}/v1/chat/completions", json=body))
+            )
+            sender.start()
+            deadline = time.monotonic() + 10
+            while engine.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.waiting == 1
+            detach_adapter(engine._loaded, "support")  # what a concurrent unload did first
+        sender.join(30)
+        error = assert_error(responses[0], 404, "support")
+        assert error["param"] == "model"
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

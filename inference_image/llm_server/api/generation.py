@@ -123,6 +123,8 @@ class Generation:
                     )
                 except StopAsyncIteration:
                     return
+                except EngineError as error:  # e.g. its adapter was unloaded while it waited: 404
+                    raise from_engine_error(error) from None
                 except TimeoutError:
                     raise APIError(
                         504,

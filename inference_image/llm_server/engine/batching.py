@@ -351,6 +351,7 @@ class BatchingEngine:
             if not self._batch and not self._waiting:
                 self._wakeup.get()
                 continue
+            newcomers: list[Sequence] = []
             try:
                 with self._model_lock, torch.inference_mode():
                     self._drop_cancelled()
@@ -360,9 +361,9 @@ class BatchingEngine:
                         prefilled = self._step(newcomers)
                         self._decoded_since_prefill = 0 if prefilled else self._decoded_since_prefill + 1
                         self._step_times.observe(time.perf_counter() - started)
-            except Exception as error:  # a failure fails the requests in the batch, not the worker
+            except Exception as error:  # a failure fails the requests in the step, not the worker
                 logger.exception("decoding step failed")
-                self._fail_all(error)
+                self._fail_all(error, newcomers)
             finally:
                 self._flush()
             # Model code holds the GIL for much of a small step: let the event loop take new requests
@@ -396,8 +397,9 @@ class BatchingEngine:
         chunk = chunk_tokens(self._loaded.device) if self._chunk_tokens is None else self._chunk_tokens
         chunk = chunk or 2**62  # 0: never
         with self._lock:
-            in_use = sum(
-                sequence.length + sequence.job.params.max_tokens for sequence in self._batch.sequences
+            in_use = sum(  # each holds what it may reach: its prompt and all its max_tokens
+                len(sequence.job.prompt.token_ids) + sequence.job.params.max_tokens
+                for sequence in self._batch.sequences
             )
             prefill = 0
             budget = self._max_prefill_tokens or prefill_budget(self._loaded.device, len(self._batch))
@@ -446,7 +448,7 @@ class BatchingEngine:
         complete then sample their next token from their last position. True if it prefilled."""
         loaded, batch = self._loaded, self._batch
         with self._lock:
-            plan, decoding, prefilling = batch.plan(newcomers)  # from here a failure fails newcomers too
+            plan, decoding, prefilling = batch.plan(newcomers)
         tokens = [sequence.next_token for sequence in decoding]
         positions = [sequence.length for sequence in decoding]
         adapters = [sequence.adapter or BASE_ADAPTER for sequence in decoding]
@@ -493,7 +495,7 @@ class BatchingEngine:
         sequence.produced += 1
         self._generated_tokens += 1
         stops, detokenizer = sequence.stops, sequence.detokenizer
-        if token == self._loaded.tokenizer.eos_token_id and not job.params.ignore_eos:
+        if token in self._loaded.end_ids and not job.params.ignore_eos:
             job.emit(sequence.delta(stops.feed(detokenizer.flush()) + stops.flush(), "stop"))
             return True
         text = stops.feed(detokenizer.push(token))
@@ -501,7 +503,8 @@ class BatchingEngine:
             job.emit(sequence.delta(text, "stop"))
             return True
         if sequence.produced >= job.params.max_tokens:
-            job.emit(sequence.delta(text + stops.feed(detokenizer.flush()) + stops.flush(), "length"))
+            text += stops.feed(detokenizer.flush())  # the held-back text may complete a stop string
+            job.emit(sequence.delta(text + stops.flush(), "stop" if stops.stopped else "length"))
             return True
         job.emit(sequence.delta(text))
         return False
@@ -515,10 +518,12 @@ class BatchingEngine:
         with self._lock:
             self._batch.remove(sequences)
 
-    def _fail_all(self, error: Exception) -> None:
-        """A failed step may have written part of its cache: every request in it fails, the cache restarts."""
+    def _fail_all(self, error: Exception, newcomers: list[Sequence]) -> None:
+        """A failed step may have written part of its cache: every request in it fails, the cache restarts.
+        Newcomers fail too, also those the failure stopped before they joined the batch (its planning)."""
         with self._lock:
             failed = list(self._batch.sequences)
+            failed += [sequence for sequence in newcomers if sequence not in failed]
             self._batch.clear()
         for sequence in failed:
             sequence.job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))

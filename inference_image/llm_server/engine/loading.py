@@ -27,10 +27,22 @@ class LoadedModel:
     max_model_len: int
     adapters: dict[str, str]
     rows: RowAdapters = dataclasses.field(default_factory=RowAdapters)  # per-row adapter choice
+    end_ids: frozenset[int] = frozenset()  # tokens that end a generation (see end_of_generation_ids)
 
     @property
     def has_peft(self) -> bool:
         return isinstance(self.model, PeftModel)
+
+
+def end_of_generation_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any) -> frozenset[int]:
+    """The tokenizer's EOS and every id the model's generation config lists: chat models end a turn with
+    one the tokenizer may not call EOS (Llama 3's <|eot_id|>, Gemma's <end_of_turn>); model.generate and
+    vLLM stop on all of them."""
+    listed = getattr(generation_config, "eos_token_id", None)
+    ids = {listed} if isinstance(listed, int) else set(listed or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -65,7 +77,14 @@ def load_model(
         model.to(target)
     model.eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    loaded = LoadedModel(model, tokenizer, target, min(limit, max_model_len or limit), {})
+    loaded = LoadedModel(
+        model,
+        tokenizer,
+        target,
+        min(limit, max_model_len or limit),
+        {},
+        end_ids=end_of_generation_ids(tokenizer, model.generation_config),
+    )
     for name, path in adapters.items():
         attach_adapter(loaded, name, str(path))
     logger.info(

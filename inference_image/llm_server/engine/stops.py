@@ -11,12 +11,12 @@ class StopMatcher:
     def feed(self, text: str) -> str:
         """Text safe to emit now. After a stop string it returns the text before it and sets `stopped`."""
         self._pending += text
-        for stop in self._stops:
-            index = self._pending.find(stop)
-            if index >= 0:
-                self.stopped = True
-                emitted, self._pending = self._pending[:index], ""
-                return emitted
+        # The earliest match, whichever stop it is: one token can bring in several stops at once.
+        found = [index for stop in self._stops if (index := self._pending.find(stop)) >= 0]
+        if found:
+            self.stopped = True
+            emitted, self._pending = self._pending[: min(found)], ""
+            return emitted
         if self._hold == 0:
             emitted, self._pending = self._pending, ""
             return emitted
