@@ -541,3 +541,30 @@ def test_the_cache_budget_holds_prompt_and_max_tokens_not_what_is_generated_twic
         engine.shutdown()
     assert running_when_second_started == 2, "the second waited for the first to finish"
     assert rest[-1].completion_tokens == 60
+
+
+def test_the_queue_bound_holds_when_the_cache_budget_is_the_limit(loaded: LoadedModel) -> None:
+    """Free rows are no queue room when the cache budget keeps requests out of them: beyond
+    max_queued waiting, the next request is refused (429) rather than queued without bound."""
+    probe = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=4096)
+    prompt = probe.encode_text("tiny", PROMPTS[0])
+    probe.shutdown()
+    params = SamplingParams(60, temperature=0, ignore_eos=True)
+    room_for_one = len(prompt.token_ids) + params.max_tokens + 10
+    engine = BatchingEngine(loaded, "tiny", max_batch_size=8, max_queued=1, max_batch_tokens=room_for_one)
+
+    async def scenario() -> list[Delta]:
+        running = engine.generate(prompt, params)
+        await anext(running)
+        queued = engine.generate(prompt, params)  # the budget is full: it waits, the queue is full
+        with pytest.raises(QueueFull):
+            engine.generate(prompt, params)
+        assert engine.running == 1 and engine.waiting == 1
+        await running.aclose()
+        return [delta async for delta in queued]  # it starts once the first one's cache is free
+
+    try:
+        served = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert served[-1].completion_tokens == 60

@@ -188,6 +188,11 @@ CPU_PREFILL_TOKENS_PER_ROW = 8
 CPU_CHUNK_TOKENS = 512  # about 160 ms of prompt per step on the 2-core bench machine
 
 
+def _reserved_tokens(job: Job) -> int:
+    """Cache a request holds in the budget: what it may reach, its prompt and all its max_tokens."""
+    return len(job.prompt.token_ids) + job.params.max_tokens
+
+
 def chunk_tokens(device: torch.device) -> int:
     """By default, a prompt longer than this is prefilled in chunks of it while other requests decode, so
     one long prompt pauses their streams for a bounded time per step instead of all at once."""
@@ -247,6 +252,7 @@ class BatchingEngine:
         self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
+        self._joining: list[Job] = []  # out of the queue, not yet in the batch: the step being planned
         self._wakeup: queue.Queue[None] = queue.Queue()
         self._batch = Batch(SlotCache(loaded.model.config.num_hidden_layers, max_batch_size, loaded.device))
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
@@ -330,12 +336,26 @@ class BatchingEngine:
         self._adapter_for(prompt.model)
         job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), self._outbox)
         with self._lock:
-            free_slots = self._max_batch_size - len(self._batch)
-            if len(self._waiting) >= free_slots + self._max_queued:
+            if self._queued_with(job) > self._max_queued:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(job)
         self._wakeup.put(None)
         return JobStream(job, self._release)
+
+    def _queued_with(self, job: Job) -> int:
+        """How many would still wait after the next admission with `job` in the queue, by `_admit`'s rule
+        (free rows, then the cache budget, first come first served): the queue bound also holds when the
+        cache budget, not the rows, is what keeps requests waiting. Called under the lock."""
+        holding = [sequence.job for sequence in self._batch.sequences] + self._joining
+        rows, reserved = self._max_batch_size - len(holding), sum(map(_reserved_tokens, holding))
+        queue = [*self._waiting, job]
+        starting = 0
+        for waiting in queue:
+            wanted = _reserved_tokens(waiting)
+            if rows == 0 or ((holding or starting) and reserved + wanted > self._max_batch_tokens):
+                break
+            rows, reserved, starting = rows - 1, reserved + wanted, starting + 1
+        return len(queue) - starting
 
     def _release(self, job: Job) -> None:
         """The consumer finished or left (disconnect, timeout): free the queue place or the batch row."""
@@ -365,6 +385,8 @@ class BatchingEngine:
                 logger.exception("decoding step failed")
                 self._fail_all(error, newcomers)
             finally:
+                with self._lock:
+                    self._joining = []  # in the batch, failed, or never started
                 self._flush()
             # Model code holds the GIL for much of a small step: let the event loop take new requests
             # and send the deltas just flushed before the next step starts.
@@ -397,16 +419,13 @@ class BatchingEngine:
         chunk = chunk_tokens(self._loaded.device) if self._chunk_tokens is None else self._chunk_tokens
         chunk = chunk or 2**62  # 0: never
         with self._lock:
-            in_use = sum(  # each holds what it may reach: its prompt and all its max_tokens
-                len(sequence.job.prompt.token_ids) + sequence.job.params.max_tokens
-                for sequence in self._batch.sequences
-            )
+            in_use = sum(_reserved_tokens(sequence.job) for sequence in self._batch.sequences)
             prefill = 0
             budget = self._max_prefill_tokens or prefill_budget(self._loaded.device, len(self._batch))
             while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
                 job = self._waiting[0]
                 prompt = len(job.prompt.token_ids)
-                wanted = prompt + job.params.max_tokens
+                wanted = _reserved_tokens(job)
                 if (self._batch or admitted) and in_use + wanted > self._max_batch_tokens:
                     break  # waits for a finishing request to free cache room
                 if admitted and (prefill + prompt > budget or prompt > chunk):
@@ -418,6 +437,7 @@ class BatchingEngine:
                     prefill += prompt
                     if prompt > chunk:
                         break  # prefilled alone, in chunks while others decode
+            self._joining = admitted
         newcomers = []
         for job in admitted:  # each is out of the queue now: it gets a sequence or its own error
             try:
@@ -449,6 +469,7 @@ class BatchingEngine:
         loaded, batch = self._loaded, self._batch
         with self._lock:
             plan, decoding, prefilling = batch.plan(newcomers)
+            self._joining = []
         tokens = [sequence.next_token for sequence in decoding]
         positions = [sequence.length for sequence in decoding]
         adapters = [sequence.adapter or BASE_ADAPTER for sequence in decoding]
