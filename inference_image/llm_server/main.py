@@ -84,6 +84,7 @@ def create_app(
             max_lora=len(settings.adapters),
             generated_tokens=lambda: engine.generated_tokens,
             step_times=lambda: engine.step_times,
+            cache_usage=lambda: engine.cache_usage,
         )
         state.generation = Generation(engine, settings, metrics)
         if state.phase == "loading":

@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import json
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -259,3 +260,87 @@ def test_concurrent_requests_all_complete(server: RunningServer) -> None:
     for thread in threads:
         thread.join()
     assert results == [200] * 8
+
+
+def test_a_chat_template_that_refuses_the_messages_is_400(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    """Templates that check the conversation (Mistral's, Gemma's roles in order) raise: the client gets
+    their message as a 400; a model without a template says it cannot chat, and still completes text."""
+    strict, plain = tmp_path / "strict", tmp_path / "plain"
+    shutil.copytree(demo[0], strict)
+    shutil.copytree(demo[0], plain)
+    (strict / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user "
+        "message') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    (plain / "chat_template.jinja").unlink()
+    system_first = {**CHAT, "messages": [{"role": "system", "content": "Be terse."}, *CHAT["messages"]]}
+    with running_server(strict, served_model_name="tiny") as server:
+        error = assert_error(
+            httpx.post(f"{server.url}/v1/chat/completions", json=system_first),
+            400,
+            "Conversations must start with a user message",
+        )
+        assert error["param"] == "messages"
+        assert_error(httpx.post(f"{server.url}/chat", json={"messages": system_first["messages"]}), 400)
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+    with running_server(plain, served_model_name="tiny") as server:
+        assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=CHAT), 400, "cannot chat")
+        completion = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+        assert httpx.post(f"{server.url}/v1/completions", json=completion).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"presence_penalty": 2.0}, "presence_penalty"),
+        ({"frequency_penalty": -1.0}, "frequency_penalty"),
+        ({"logit_bias": {"42": 100}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_openai_features_this_server_lacks_are_400_naming_them(
+    server: RunningServer, fields: dict, param: str
+) -> None:
+    """A 200 without them would look like success: JSON mode returning prose, logprobs null."""
+    error = assert_error(
+        httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, **fields}), 400, "not supported"
+    )
+    assert error["param"] == param
+
+
+def test_unset_fields_sent_as_null_take_their_defaults(server: RunningServer) -> None:
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "seed": None, "stop": None}
+    history = [
+        {"role": "user", "content": "Call a tool"},
+        {"role": "assistant", "content": None},  # a tool-calling turn, as OpenAI's history has it
+        {"role": "user", "content": "Hello"},
+    ]
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, **nulls, "messages": history})
+    assert response.status_code == 200, response.text
+    usage_without_stream = {**CHAT, "stream_options": {"include_usage": True}}
+    assert_error(
+        httpx.post(f"{server.url}/v1/chat/completions", json=usage_without_stream),
+        400,
+        "only allowed when stream is true",
+    )
+
+
+def test_made_up_http_methods_share_one_metric_label(server: RunningServer) -> None:
+    """Any method name reaches the server (h11 accepts them): each would otherwise be a new time series."""
+    for method in ("ZZ0", "ZZ1", "ZZ2"):
+        assert httpx.request(method, f"{server.url}/v1/models").status_code == 405
+    labels = {"method": "other", "route": "/v1/models", "status": "405"}
+    assert server.metric("llm_server_http_requests_total", labels) == 3
+    assert server.metric("llm_server_http_requests_total", {**labels, "method": "ZZ0"}) is None
+
+
+def test_a_batch_larger_than_the_server_can_hold_is_400_not_a_429_forever(demo: tuple[Path, Path]) -> None:
+    with running_server(demo[0], served_model_name="tiny", max_batch_size=2, max_queued_requests=2) as server:
+        error = assert_error(
+            httpx.post(f"{server.url}/batch", json={"prompts": ["hi"] * 5, "max_tokens": 2}), 400, "(4)"
+        )
+        assert error["param"] == "prompts"
+        fits = {"prompts": ["hi"] * 4, "max_tokens": 2}
+        assert httpx.post(f"{server.url}/batch", json=fits).status_code == 200

@@ -68,6 +68,8 @@ def test_metrics_after_traffic(server: RunningServer) -> None:
         "vllm:generation_tokens_total",
         "vllm:request_success_total",
         "vllm:lora_requests_info",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
     ):
         assert f"{name}" in text and 'model_name="tiny"' in text, name
     assert (
@@ -76,6 +78,7 @@ def test_metrics_after_traffic(server: RunningServer) -> None:
     assert server.metric("vllm:generation_tokens_total", {"model_name": "tiny"}) >= 24
     assert server.metric("vllm:e2e_request_latency_seconds_count", {"model_name": "tiny"}) >= 4
     assert server.metric("vllm:num_requests_running", {"model_name": "tiny"}) == 0
+    assert server.metric("vllm:kv_cache_usage_perc", {"model_name": "tiny"}) == 0
     # At least one step per generated token after the first (each request's first comes with its prompt).
     assert server.metric("llm_engine_step_duration_seconds_count", {"model_name": "tiny"}) >= 5
     assert server.metric("llm_engine_step_duration_seconds_sum", {"model_name": "tiny"}) > 0
@@ -303,3 +306,20 @@ def test_json_log_lines_carry_the_request_id() -> None:
     finally:
         request_id.reset(token)
     assert line["message"] == "hello world" and line["request_id"] == "abc123" and line["status"] == 200
+
+
+def test_kv_cache_usage_is_what_the_running_requests_hold(server: RunningServer) -> None:
+    """vllm:kv_cache_usage_perc (and its old name, which the Gateway API inference extension reads): a
+    running request holds its prompt + max_tokens of the cache budget; none running, none held."""
+    body = {**CHAT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    budget = server.settings.max_batch_tokens
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        held = server.metric("vllm:kv_cache_usage_perc", {"model_name": "tiny"})
+        old_name = server.metric("vllm:gpu_cache_usage_perc", {"model_name": "tiny"})
+        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    usage = json.loads(events[-2])["usage"]
+    assert held == old_name == (usage["prompt_tokens"] + 300) / budget
+    assert server.metric("vllm:kv_cache_usage_perc", {"model_name": "tiny"}) == 0

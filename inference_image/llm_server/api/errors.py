@@ -9,7 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llm_server.engine.interface import AdapterError, ContextTooLong, QueueFull, UnknownModel
+from llm_server.engine.interface import (
+    AdapterError,
+    ContextTooLong,
+    MessagesRejected,
+    QueueFull,
+    UnknownModel,
+)
 
 RETRY_AFTER_SECONDS = 1
 ERROR_TYPES = {
@@ -58,7 +64,7 @@ def error_response(
 def from_engine_error(error: Exception) -> APIError:
     if isinstance(error, QueueFull):
         return APIError(429, str(error), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(error, ContextTooLong):
+    if isinstance(error, ContextTooLong | MessagesRejected):
         return APIError(400, str(error), param="messages")
     if isinstance(error, UnknownModel):
         return APIError(404, str(error), param="model")

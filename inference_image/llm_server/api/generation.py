@@ -169,6 +169,13 @@ class Generation:
         self, jobs: list[tuple[Prompt, SamplingParams]], request: Request
     ) -> list[Completion]:
         """All admitted or none (a 429 leaves nothing running); all cancelled if the client leaves."""
+        capacity = self._settings.max_batch_size + self._settings.max_queued_requests
+        if len(jobs) > capacity:  # it could never be admitted whole: a 429 would be retried forever
+            raise APIError(
+                400,
+                f"a batch of {len(jobs)} prompts exceeds what this server holds at once ({capacity})",
+                param="prompts",
+            )
         started: list[AsyncIterator[Delta]] = []
         try:
             for prompt, params in jobs:

@@ -72,6 +72,11 @@ class ServerMetrics:
         self.waiting = Gauge(
             "vllm:num_requests_waiting", "Requests waiting to be decoded.", labels, registry=registry
         )
+        # vLLM's name, and the one it had before 0.10 that the Gateway API inference extension still reads.
+        self.cache_usage = [
+            Gauge(name, "KV-cache usage. 1 means 100 percent usage.", labels, registry=registry)
+            for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+        ]
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time to first token.",
@@ -114,8 +119,11 @@ class ServerMetrics:
         max_lora: int,
         generated_tokens: Callable[[], int],
         step_times: Callable[[], StepTimes],
+        cache_usage: Callable[[], float],
     ) -> None:
         self.running.labels(self.model_name).set_function(running)
+        for gauge in self.cache_usage:
+            gauge.labels(self.model_name).set_function(cache_usage)
         self.waiting.labels(self.model_name).set_function(waiting)
         self.registry.register(_EngineCounters(self.model_name, generated_tokens, step_times))
         self.registry.register(_LoraInfo(self.model_name, max_lora, adapters))

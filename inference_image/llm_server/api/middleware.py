@@ -15,6 +15,7 @@ from llm_server.api.metrics import ServerMetrics
 from llm_server.logs import request_id
 
 logger = logging.getLogger("llm_server.access")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 QUIET_PATHS = {"/health/live", "/health/ready", "/metrics"}
 
 
@@ -55,7 +56,8 @@ class RequestContext:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.http_requests.labels(scope["method"], path, str(status["code"])).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # bounded label values
+            self.metrics.http_requests.labels(method, path, str(status["code"])).inc()
             if scope["path"] not in QUIET_PATHS:
                 logger.info(
                     "%s %s %s",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_MESSAGES = 4096
 MAX_PROMPT_CHARS = 1_000_000
@@ -13,6 +13,20 @@ MAX_PROMPT_CHARS = 1_000_000
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this server does not use
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients send `null` for fields they leave unset (vLLM's fields are Optional): the default, where
+        the field itself takes no null (where it does, null keeps its meaning: max_tokens null, no limit)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or (key in fields and type(None) in get_args(fields[key].annotation))
+        }
 
 
 class SamplingFields(_Request):
@@ -43,11 +57,12 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart]
+    # null: an assistant turn that only called tools, as OpenAI's history sends it
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content)
 
 
@@ -55,26 +70,70 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(SamplingFields):
+class OpenAIFields(SamplingFields):
+    """What both OpenAI endpoints share, with the OpenAI features this server does not implement: a request
+    that asks for one is a 400 naming it, not a 200 that quietly lacks it (vLLM implements them)."""
+
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty", "top_logprobs")
+    @classmethod
+    def _zero_only(cls, value: float | None) -> float | None:
+        if value:
+            raise ValueError("is not supported by this server (only 0)")
+        return value
+
+    @field_validator("logit_bias", "tools")
+    @classmethod
+    def _empty_only(cls, value: dict | list | None) -> dict | list | None:
+        if value:
+            raise ValueError("is not supported by this server")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise ValueError("is not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and value.get("type", "text") != "text":
+            raise ValueError("is not supported by this server (only {'type': 'text'})")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> OpenAIFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class ChatCompletionRequest(OpenAIFields):
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(OpenAIFields):
     model: str
     prompt: (
         Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     )
     max_tokens: Annotated[int | None, Field(ge=1)] = 16
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     echo: bool = False
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import jinja2
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -33,6 +34,7 @@ from llm_server.engine.interface import (
     AdapterError,
     ContextTooLong,
     Delta,
+    MessagesRejected,
     ModelCard,
     Prompt,
     QueueFull,
@@ -284,6 +286,14 @@ class BatchingEngine:
         return self._generated_tokens
 
     @property
+    def cache_usage(self) -> float:
+        """Held, not touched: each running or joining request holds its prompt + max_tokens of
+        LLM_MAX_BATCH_TOKENS, what admission counts (a request alone may exceed it: 1)."""
+        with self._lock:
+            holding = [sequence.job for sequence in self._batch.sequences] + self._joining
+        return min(sum(map(_reserved_tokens, holding)) / self._max_batch_tokens, 1.0)
+
+    @property
     def step_times(self) -> StepTimes:
         return self._step_times
 
@@ -310,7 +320,14 @@ class BatchingEngine:
     # -- tokenization -------------------------------------------------------------------------------
     def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
         self._adapter_for(model)
-        ids = self._loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self._loaded.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
+        except jinja2.TemplateError as error:  # the template's raise_exception: roles out of order, say
+            raise MessagesRejected(f"the model's chat template rejected the messages: {error}") from None
+        except ValueError as error:  # transformers: this tokenizer has no chat template
+            raise MessagesRejected(f"this model cannot chat: {error}") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return Prompt(model, tuple(int(i) for i in ids), json.dumps(messages, ensure_ascii=False))

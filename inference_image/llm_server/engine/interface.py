@@ -25,6 +25,10 @@ class UnknownModel(EngineError):
     pass
 
 
+class MessagesRejected(EngineError):
+    """The model's chat template refused the conversation (or the model has none)."""
+
+
 class AdapterError(EngineError):
     pass
 
@@ -97,6 +101,11 @@ class Engine(Protocol):
     @property
     def generated_tokens(self) -> int:
         """Tokens decoded so far, for every request, also those whose client left."""
+        ...
+
+    @property
+    def cache_usage(self) -> float:
+        """The share of the KV-cache budget its requests hold, 0 to 1 (load balancers route on it)."""
         ...
 
     @property
