@@ -82,11 +82,12 @@ class ChildWriter:
                 await asyncio.sleep(max(delay, _retry_after(error)))
         return await request()
 
-    async def apply(self, manifest: dict[str, Any]) -> None:
-        """Server-side apply with a fixed field manager: creates, updates, and drops fields no longer sent."""
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply with a fixed field manager: creates, updates, and drops fields no longer sent.
+        Returns the object as the API server now holds it (its new generation, its old status)."""
         resource = RESOURCES[(manifest["apiVersion"], manifest["kind"])]
         meta = manifest["metadata"]
-        await self._retrying(
+        applied = await self._retrying(
             lambda: self._client.patch(
                 resource,
                 meta["name"],
@@ -97,6 +98,7 @@ class ChildWriter:
                 force=True,
             )
         )
+        return applied.to_dict()
 
     async def delete(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
         """False when it was already gone."""

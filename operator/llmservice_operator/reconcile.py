@@ -156,8 +156,11 @@ class Reconciler:
         svc = LLMService(
             name=name, namespace=namespace, spec=spec, uid=meta.get("uid"), generation=generation
         )
+        applied: dict[str, dict[str, Any]] = {}
         try:
-            if not await self._apply_children(body, svc, view, writer, confirm_owner=trigger != "change"):
+            if not await self._apply_children(
+                body, svc, view, writer, applied, confirm_owner=trigger != "change"
+            ):
                 return
         except ApiError as error:
             self._metrics.errors.labels("ApplyFailed").inc()
@@ -168,9 +171,10 @@ class Reconciler:
             raise kopf.TemporaryError(
                 f"applying children failed: {_api_message(error)}", delay=RETRY_DELAY_SECONDS
             ) from None
-        await self._write_status(
-            body, writer, Observation(generation, view.child("Deployment", name), view.pods())
-        )
+        # The Deployment as this pass's apply left it, when it did: the watched copy is the old
+        # generation's, fully rolled out, and would report an edit Ready before its rollout starts.
+        deployment = applied.get("Deployment") or view.child("Deployment", name)
+        await self._write_status(body, writer, Observation(generation, deployment, view.pods()))
 
     async def _apply_children(
         self,
@@ -178,9 +182,11 @@ class Reconciler:
         svc: LLMService,
         view: ClusterView,
         writer: ChildWriter,
+        applied: dict[str, dict[str, Any]],
         confirm_owner: bool,
     ) -> bool:
-        """False when the owner turned out to be gone (nothing was written)."""
+        """False when the owner turned out to be gone (nothing was written). Fills `applied` by kind with
+        what the API server returned."""
         children = build_children(svc, self._settings)
         for manifest in children.desired:
             desired = with_applied_hash(manifest)
@@ -194,7 +200,7 @@ class Reconciler:
                 if not await writer.owner_alive(svc.namespace, svc.name, svc.uid or ""):
                     return False
                 confirm_owner = False
-            await writer.apply(desired)
+            applied[kind] = await writer.apply(desired)
             if live is None:
                 self.expectations.created((kind, svc.namespace, child_name), desired)
             action = "Created" if live is None else "Updated"

@@ -1,5 +1,6 @@
 """The real kopf operator against the kmock Kubernetes emulator: what a user of the cluster would see."""
 
+import threading
 import time
 from typing import Any
 
@@ -408,6 +409,46 @@ def test_ready_when_every_replica_is_ready(kube: Client, namespace: str) -> None
     assert condition(kube, namespace, "bot", "Progressing")["status"] == "False"
     assert condition(kube, namespace, "bot", "Degraded")["status"] == "False"
     assert eventually(lambda: [e for e in events(kube, namespace) if e["reason"] == "AllReplicasReady"])
+
+
+ALL_READY = {"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}
+
+
+def test_an_edit_is_not_ready_until_its_rollout_has_happened(kube: Client, namespace: str) -> None:
+    """The Deployment the watch last delivered is the old generation's, fully rolled out: status written
+    right after an edit must not call the new generation Ready (kubectl wait, Argo CD and Flux read it)."""
+    create(kube, namespace, "bot", BASE_SPEC)
+    wait_for_children(kube, namespace, "bot")
+    deployment_status(kube, namespace, "bot", **ALL_READY)
+    eventually(lambda: condition(kube, namespace, "bot", "Ready")["status"] == "True")
+
+    written: list[dict[str, Any]] = []  # every status the operator writes, in order (a watch misses none)
+    watching = threading.Event()
+
+    def watch() -> None:
+        for _, item in kube.watch(LLMServiceResource, namespace=namespace):
+            written.append(item.to_dict().get("status") or {})
+            watching.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert watching.wait(10)
+    edit_spec(kube, namespace, "bot", {"serving": {"maxBatchSize": 64}})  # new settings: pods roll
+
+    def for_the_edit() -> list[dict[str, Any]]:
+        return [status for status in written if status.get("observedGeneration") == 2]
+
+    eventually(for_the_edit)
+    time.sleep(0.5)  # the Deployment's own watch event triggers one more pass
+    readiness = {
+        (item["status"], item["reason"])
+        for status in for_the_edit()
+        for item in status["conditions"]
+        if item["type"] == "Ready"
+    }
+    assert readiness == {("False", "RolloutInProgress")}
+
+    deployment_status(kube, namespace, "bot", **ALL_READY)
+    eventually(lambda: condition(kube, namespace, "bot", "Ready")["status"] == "True")
 
 
 def test_invalid_spec_is_degraded_and_nothing_is_half_applied(
