@@ -82,7 +82,7 @@ class ChildWriter:
                 await asyncio.sleep(max(delay, _retry_after(error)))
         return await request()
 
-    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         """Server-side apply with a fixed field manager: creates, updates, and drops fields no longer sent.
         Returns the object as the API server now holds it (its new generation, its old status)."""
         resource = RESOURCES[(manifest["apiVersion"], manifest["kind"])]
@@ -94,7 +94,7 @@ class ChildWriter:
                 manifest,
                 namespace=meta["namespace"],
                 patch_type=PatchType.APPLY,
-                field_manager=FIELD_MANAGER,
+                field_manager=field_manager,
                 force=True,
             )
         )

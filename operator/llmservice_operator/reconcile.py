@@ -25,6 +25,7 @@ from llmservice_operator.builders.service import service_url
 from llmservice_operator.conditions import Observation, build_status, condition_events, status_changes
 from llmservice_operator.drift import needs_apply, with_applied_hash
 from llmservice_operator.expectations import Expectations
+from llmservice_operator.handover import HANDOVER_FIELD_MANAGER, handover_manifest, replicas_to_hand_over
 from llmservice_operator.k8s import ChildWriter
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.settings import OperatorSettings
@@ -200,6 +201,9 @@ class Reconciler:
                 if not await writer.owner_alive(svc.namespace, svc.name, svc.uid or ""):
                     return False
                 confirm_owner = False
+            handed_over = replicas_to_hand_over(desired, live) if kind == "Deployment" else None
+            if handed_over is not None:  # autoscaling turned on: see handover.py
+                await writer.apply(handover_manifest(desired, handed_over), HANDOVER_FIELD_MANAGER)
             applied[kind] = await writer.apply(desired)
             if live is None:
                 self.expectations.created((kind, svc.namespace, child_name), desired)

@@ -62,6 +62,15 @@ kubectl -n "$NAMESPACE" wait deploy/demo --for=jsonpath='{.spec.replicas}'=2 --t
 kubectl -n "$NAMESPACE" wait llms/demo --for=condition=Ready --timeout=10m
 test "$(kubectl -n "$NAMESPACE" get llms/demo -o jsonpath='{.status.readyReplicas}')" = 2
 
+step "autoscaling turned on: the HPA takes spec.replicas over without a scale-down"
+# Server-side apply would reset replicas the operator stops sending to 1 (see operator handover.py).
+kubectl -n "$NAMESPACE" patch llms/demo --type=merge -p '{"spec":{"autoscaling":{"minReplicas":2,"maxReplicas":3}}}'
+kubectl -n "$NAMESPACE" wait hpa/demo --for=jsonpath='{.spec.minReplicas}'=2 --timeout=60s
+for _ in $(seq 20); do
+  test "$(kubectl -n "$NAMESPACE" get deploy/demo -o jsonpath='{.spec.replicas}')" = 2
+  sleep 0.5
+done
+
 step "delete: children go with it"
 kubectl -n "$NAMESPACE" delete llms/demo --wait --timeout=60s
 kubectl -n "$NAMESPACE" wait deploy/demo --for=delete --timeout=120s
