@@ -105,11 +105,21 @@ class ResourcesSpec(_Model):
 
 
 class Toleration(_Model):
-    key: str | None = None
+    key: Annotated[str, Field(max_length=317)] | None = None  # a label key
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: Annotated[str, Field(max_length=63)] | None = None  # a label value
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _valid_for_a_pod(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies to effect NoExecute only")
+        return self
 
 
 class KeyRef(_Model):
@@ -126,6 +136,12 @@ class EnvValueFrom(_Model):
     secret_key_ref: KeyRef | None = None
     config_map_key_ref: KeyRef | None = None
     field_ref: FieldRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvValueFrom:
+        if [self.secret_key_ref, self.config_map_key_ref, self.field_ref].count(None) != 2:
+            raise ValueError("valueFrom takes exactly one of secretKeyRef, configMapKeyRef, fieldRef")
+        return self
 
 
 class EnvVar(_Model):
@@ -149,6 +165,12 @@ class EnvFromSource(_Model):
     prefix: str | None = None
     config_map_ref: NameRef | None = None
     secret_ref: NameRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvFromSource:
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("envFrom entries take exactly one of configMapRef, secretRef")
+        return self
 
 
 class LocalObjectReference(_Model):

@@ -175,6 +175,56 @@ INVALID = [
         id="env-both",
     ),
     pytest.param(
+        with_changes(MINIMAL, "spec.env", [{"name": "A", "valueFrom": {}}]),  # what pruning leaves of a
+        "exactly one of secretKeyRef",  # resourceFieldRef, which the schema does not carry
+        "spec.env[0].valueFrom",
+        id="env-value-from-empty",
+    ),
+    pytest.param(
+        with_changes(
+            MINIMAL,
+            "spec.env",
+            [
+                {
+                    "name": "A",
+                    "valueFrom": {
+                        "secretKeyRef": {"name": "s", "key": "k"},
+                        "configMapKeyRef": {"name": "c", "key": "k"},
+                    },
+                }
+            ],
+        ),
+        "exactly one of secretKeyRef",
+        "spec.env[0].valueFrom",
+        id="env-value-from-two",
+    ),
+    pytest.param(
+        with_changes(MINIMAL, "spec.envFrom", [{"prefix": "X_"}]),
+        "exactly one of configMapRef, secretRef",
+        "spec.envFrom[0]",
+        id="env-from-no-source",
+    ),
+    pytest.param(
+        with_changes(MINIMAL, "spec.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}]),
+        "operator Exists takes no value",
+        "spec.tolerations[0]",
+        id="toleration-exists-with-value",
+    ),
+    pytest.param(
+        with_changes(MINIMAL, "spec.tolerations", [{"operator": "Equal", "value": "v"}]),
+        "without a key needs operator Exists",
+        "spec.tolerations[0]",
+        id="toleration-no-key",
+    ),
+    pytest.param(
+        with_changes(
+            MINIMAL, "spec.tolerations", [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 30}]
+        ),
+        "NoExecute only",
+        "spec.tolerations[0]",
+        id="toleration-seconds",
+    ),
+    pytest.param(
         with_changes(MINIMAL, "spec.cache", {"sizeLimit": "lots"}),
         "does not match",
         "spec.cache.sizeLimit",
