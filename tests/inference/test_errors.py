@@ -133,6 +133,12 @@ def test_oversized_body_is_413(demo: tuple[Path, Path]) -> None:
     with running_server(demo[0], served_model_name="tiny", max_body_bytes=4096) as server:
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
         assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=big), 413, "exceeds 4096")
+        chunked = (part for part in [json.dumps(big).encode()])  # no Content-Length: chunked encoding
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions", content=chunked, headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in response.request.headers
+        assert_error(response, 413, "exceeds 4096")
 
 
 def test_queue_full_is_429_with_retry_after_and_the_server_recovers(demo: tuple[Path, Path], figure) -> None:  # type: ignore[no-untyped-def]

@@ -39,9 +39,12 @@ class APIError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(StarletteHTTPException):
+    """An HTTP exception, so that FastAPI's body reading passes it on (any other error there becomes its
+    400 "error parsing the body"): a chunked body over the limit is a 413 like a declared one."""
+
     def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds {limit} bytes")
+        super().__init__(413, f"request body exceeds {limit} bytes")
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -88,10 +91,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return error_response(error.status, error.message, error.param, error.headers)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
-        return error_response(413, str(error))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
