@@ -27,6 +27,11 @@ def with_applied_hash(manifest: dict[str, Any]) -> dict[str, Any]:
     return stamped
 
 
+# Pointer booleans keep an explicit false (only a nil pointer is omitted): missing is not false there, and a
+# hand-removed protection must be put back.
+KEPT_FALSE = frozenset({"allowPrivilegeEscalation", "automountServiceAccountToken", "enableServiceLinks"})
+
+
 def _is_zero(value: Any) -> bool:
     # The API server drops zero values of omitempty fields, so a desired zero matches a missing key.
     return value is None or value is False or value == 0 or value == "" or value == {} or value == []
@@ -46,7 +51,7 @@ def contains(actual: Any, desired: Any) -> bool:
             return False
         for key, value in desired.items():
             if key not in actual:
-                if not _is_zero(value):
+                if not _is_zero(value) or (value is False and key in KEPT_FALSE):
                     return False
             elif not contains(actual[key], value):
                 return False

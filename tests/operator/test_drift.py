@@ -19,6 +19,7 @@ DESIRED = with_applied_hash(
                     ],
                     "tolerations": [],
                     "hostNetwork": False,
+                    "automountServiceAccountToken": False,
                 }
             },
         },
@@ -96,3 +97,11 @@ def test_ghosts_are_indexed_children_the_api_server_no_longer_has() -> None:
         ("dev", "bot"): frozenset({("Service", "bot")}),
     }
     assert find_ghosts("Service", indexed, {("ml", "bot"), ("ml", "other"), ("dev", "bot")}) == {}
+
+
+def test_a_removed_protection_is_drift_though_its_value_was_false() -> None:
+    """hostNetwork false is omitted by the server (a plain bool), but automountServiceAccountToken is a
+    pointer: its false stays, so a live object without it had it removed by hand."""
+    removed = live_copy()
+    del removed["spec"]["template"]["spec"]["automountServiceAccountToken"]
+    assert needs_apply(DESIRED, removed)
