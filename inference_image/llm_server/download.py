@@ -102,7 +102,7 @@ def _from_hub(repo: str, dest: Path, revision: str | None) -> Path:
         raise DownloadError(f"hf://{repo} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise DownloadError(
-            f"hf://{repo}: the hub could not be reached and nothing is cached in {dest}"
+            f"hf://{repo}: the hub could not be reached and {dest} holds no complete copy"
         ) from None
     except HfHubHTTPError as error:
         raise DownloadError(f"hf://{repo}: the hub answered {error}") from None

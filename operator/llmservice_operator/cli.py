@@ -1,5 +1,6 @@
 """`llmservice-operator run` (the operator) and `llmservice-operator render` (children, offline)."""
 
+import random
 import sys
 from pathlib import Path
 
@@ -33,7 +34,12 @@ def main() -> None:
     "--standalone", is_flag=True, help="Do not use kopf peering (no coordination between replicas)."
 )
 @click.option("--peering", "peering_name", default=None, help="kopf peering object name, for HA replicas.")
-@click.option("--priority", type=int, default=None, help="kopf peering priority of this replica.")
+@click.option(
+    "--priority",
+    type=int,
+    default=None,
+    help="kopf peering priority of this replica. Default with --peering: a random one per replica.",
+)
 @click.option(
     "--liveness",
     "liveness_endpoint",
@@ -77,9 +83,18 @@ def run(
         clusterwide=clusterwide,
         standalone=standalone or None,
         peering_name=peering_name,
-        priority=priority,
+        priority=replica_priority(priority, peering=bool(peering_name) and not standalone),
         liveness_endpoint=liveness_endpoint,
     )
+
+
+def replica_priority(priority: int | None, peering: bool) -> int | None:
+    """kopf pauses every replica that sees a live peer of its own priority, so replicas started alike (one
+    Deployment, one set of args) would all stand still. Unless one is given, each draws its own: the
+    highest works, the others wait to take over."""
+    if priority is not None or not peering:
+        return priority
+    return random.SystemRandom().randint(1, 2**31 - 1)
 
 
 @main.command()

@@ -36,6 +36,7 @@ VARIANTS = {
         "inferenceImage": "registry.example/llm:cpu",
     },
     "crds-off": {"crds": {"enabled": False}},
+    "names": {"nameOverride": "llmops", "fullnameOverride": "llm-operator"},
 }
 
 
@@ -195,3 +196,11 @@ def test_a_pvc_sourced_inference_pod_is_still_restricted() -> None:
         if c["kind"] == "Deployment"
     )["spec"]["template"]["spec"]
     assert restricted_violations(pod) == []
+
+
+def test_name_overrides_name_every_object() -> None:
+    documents = render(OPERATOR_CHART, VARIANTS["names"])
+    (deployment,) = of_kind(documents, "Deployment")
+    assert deployment["metadata"]["name"] == "llm-operator"
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/name"] == "llmops"
+    assert of_kind(documents, "ServiceAccount")[0]["metadata"]["name"] == "llm-operator"

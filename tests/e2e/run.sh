@@ -41,7 +41,8 @@ helm test llmservice-operator --namespace llm-system --timeout 2m
 
 step "a CPU LLMService"
 kubectl create namespace "$NAMESPACE"
-sed "s|^  gpus: 0|  gpus: 0\n  imagePullPolicy: Never|" examples/demo-cpu.yaml | kubectl -n "$NAMESPACE" apply -f -
+# awk, not sed: BSD sed (macOS) writes "\n" in a replacement as a literal n
+awk '{ print } /^  gpus: 0$/ { print "  imagePullPolicy: Never" }' examples/demo-cpu.yaml | kubectl -n "$NAMESPACE" apply -f -
 kubectl -n "$NAMESPACE" wait llms/demo --for=condition=Ready --timeout=10m
 kubectl -n "$NAMESPACE" get llms,deploy,svc,pods -o wide
 

@@ -142,22 +142,6 @@ def test_completions_plain_and_streamed(client: openai.OpenAI) -> None:
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == plain.choices[0].text
 
 
-def test_unicode_survives_streaming(client: openai.OpenAI) -> None:
-    # Byte-level BPE can split a character across tokens; no chunk may carry half of one.
-    stream = client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "你好，世界。こんにちは。🙂"}],  # noqa: RUF001
-        max_tokens=40,
-        temperature=1.0,
-        seed=3,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            chunk.choices[0].delta.content.encode("utf-8")  # a lone surrogate would raise here
-
-
 def test_a_completion_stream_has_a_chunk_per_token(client: openai.OpenAI) -> None:
     """As vLLM's: a token that completes no character yet (half of a multi-byte one) still sends its
     chunk, with empty text, so a client's time to first token is the first token's."""
@@ -178,8 +162,9 @@ def test_a_completion_stream_has_a_chunk_per_token(client: openai.OpenAI) -> Non
     assert "" in texts, "every token completed a character: pick a prompt or seed that splits one"
 
 
-def test_a_chat_stream_has_a_chunk_per_token(client: openai.OpenAI) -> None:
-    """The chat stream too: after the role chunk, one chunk per generated token, as vLLM's."""
+def test_a_chat_stream_has_a_chunk_per_token_and_no_half_characters(client: openai.OpenAI) -> None:
+    """The chat stream too: after the role chunk, one chunk per generated token, as vLLM's. Byte-level BPE
+    splits characters across tokens: a chunk is empty until one completes, never half of one."""
     stream = client.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "你好，世界。こんにちは。🙂"}],  # noqa: RUF001
@@ -196,3 +181,5 @@ def test_a_chat_stream_has_a_chunk_per_token(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
     assert len(contents) == 40
     assert "" in contents, "every token completed a character: pick a prompt or seed that splits one"
+    for content in contents:
+        content.encode("utf-8")  # a lone surrogate would raise here

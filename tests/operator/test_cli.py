@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from llmservice_operator.cli import replica_priority
 from tests.conftest import ROOT
 
 CLI = [sys.executable, "-m", "llmservice_operator.cli"]
@@ -30,7 +31,7 @@ def test_render_prints_the_children_as_a_yaml_stream() -> None:
 
 
 def test_render_takes_several_documents_and_a_namespace_from_stdin(tmp_path: Path) -> None:
-    manifest = (ROOT / "examples" / "support-bot.yaml").read_text().replace("  namespace: default\n", "")
+    manifest = (ROOT / "examples" / "support-bot.yaml").read_text()
     second = manifest.replace("name: support-bot", "name: other-bot")
     result = run("render", "-f", "-", "--namespace", "ml", stdin=manifest + "---\n" + second)
     assert result.returncode == 0, result.stderr
@@ -78,3 +79,18 @@ def test_run_passes_kopf_options_through() -> None:
         "--liveness",
     ):
         assert option in result.stdout
+
+
+def test_replicas_with_peering_draw_their_own_priority() -> None:
+    """Two replicas of one Deployment get the same args: with the same priority kopf would pause both."""
+    drawn = {replica_priority(None, peering=True) for _ in range(20)}
+    assert len(drawn) == 20 and all(priority > 0 for priority in drawn)
+    assert replica_priority(7, peering=True) == 7
+    assert replica_priority(None, peering=False) is None
+
+
+def test_the_examples_name_no_namespace_so_kubectl_n_places_them() -> None:
+    """The README applies them with `kubectl -n llm apply -f`: a namespace in the file would be refused."""
+    for example in (ROOT / "examples").glob("*.yaml"):
+        for document in yaml.safe_load_all(example.read_text()):
+            assert "namespace" not in document["metadata"], example.name

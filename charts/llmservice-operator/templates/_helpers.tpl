@@ -5,7 +5,9 @@
 
 {{/* Fully qualified app name: the release name, unless it already contains the chart name. */}}
 {{- define "llmservice-operator.fullname" -}}
-{{- if contains .Chart.Name .Release.Name }}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains .Chart.Name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
@@ -55,6 +57,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["serving.llmservice.io"]
   resources: ["llmservices/status"]
   verbs: ["patch"]
+# Children's owner references block their owner's foreground deletion (blockOwnerDeletion), which the
+# OwnerReferencesPermissionEnforcement admission plugin (on by default in OpenShift) allows only to those
+# who may update the owner's finalizers.
+- apiGroups: ["serving.llmservice.io"]
+  resources: ["llmservices/finalizers"]
+  verbs: ["update"]
 # Children: server-side apply (patch) creates and updates; HPA, PDB and NetworkPolicy are deleted when the
 # spec drops them.
 - apiGroups: [""]
