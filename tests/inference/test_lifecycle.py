@@ -315,11 +315,11 @@ def test_kv_cache_usage_is_what_the_running_requests_hold(server: RunningServer)
     body["stream_options"] = {"include_usage": True}
     budget = server.settings.max_batch_tokens
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as stream:
-        lines = stream.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
+        data = (line for line in stream.iter_lines() if line.startswith("data: "))
+        next(data), next(data)  # the role chunk, then the first token's: the request is in the batch
         held = server.metric("vllm:kv_cache_usage_perc", {"model_name": "tiny"})
         old_name = server.metric("vllm:gpu_cache_usage_perc", {"model_name": "tiny"})
-        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        events = [line.removeprefix("data: ") for line in data]
     usage = json.loads(events[-2])["usage"]
     assert held == old_name == (usage["prompt_tokens"] + 300) / budget
     assert server.metric("vllm:kv_cache_usage_perc", {"model_name": "tiny"}) == 0
