@@ -157,11 +157,9 @@ class Reconciler:
         svc = LLMService(
             name=name, namespace=namespace, spec=spec, uid=meta.get("uid"), generation=generation
         )
-        applied: dict[str, dict[str, Any]] = {}
         try:
-            if not await self._apply_children(
-                body, svc, view, writer, applied, confirm_owner=trigger != "change"
-            ):
+            applied = await self._apply_children(body, svc, view, writer, confirm_owner=trigger != "change")
+            if applied is None:
                 return
         except ApiError as error:
             self._metrics.errors.labels("ApplyFailed").inc()
@@ -183,12 +181,12 @@ class Reconciler:
         svc: LLMService,
         view: ClusterView,
         writer: ChildWriter,
-        applied: dict[str, dict[str, Any]],
         confirm_owner: bool,
-    ) -> bool:
-        """False when the owner turned out to be gone (nothing was written). Fills `applied` by kind with
-        what the API server returned."""
+    ) -> dict[str, dict[str, Any]] | None:
+        """What the API server returned for each kind applied; None when the owner turned out to be gone
+        (nothing was written)."""
         children = build_children(svc, self._settings)
+        applied: dict[str, dict[str, Any]] = {}
         for manifest in children.desired:
             desired = with_applied_hash(manifest)
             kind, child_name = desired["kind"], desired["metadata"]["name"]
@@ -199,7 +197,7 @@ class Reconciler:
                 # A child's deletion may be the garbage collector following its owner's deletion, seen
                 # before the owner's own DELETED event: ask the API server before recreating anything.
                 if not await writer.owner_alive(svc.namespace, svc.name, svc.uid or ""):
-                    return False
+                    return None
                 confirm_owner = False
             handed_over = replicas_to_hand_over(desired, live) if kind == "Deployment" else None
             if handed_over is not None:  # autoscaling turned on: see handover.py
@@ -221,7 +219,7 @@ class Reconciler:
                     reason="Deleted",
                     message=f"Deleted {ref.kind} {ref.name}: the spec no longer asks for it",
                 )
-        return True
+        return applied
 
     async def _write_status(
         self, body: Mapping[str, Any], writer: ChildWriter, observation: Observation

@@ -92,17 +92,10 @@ class OpenAIFields(SamplingFields):
             raise ValueError("is not supported by this server (only 0)")
         return value
 
-    @field_validator("logit_bias", "tools")
+    @field_validator("logit_bias", "tools", "logprobs")
     @classmethod
-    def _empty_only(cls, value: dict | list | None) -> dict | list | None:
-        if value:
-            raise ValueError("is not supported by this server")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
+    def _absent_only(cls, value: Any) -> Any:
+        if value:  # empty, false or 0 asks for nothing
             raise ValueError("is not supported by this server")
         return value
 

@@ -290,8 +290,8 @@ class BatchingEngine:
         """Held, not touched: each running or joining request holds its prompt + max_tokens of
         LLM_MAX_BATCH_TOKENS, what admission counts (a request alone may exceed it: 1)."""
         with self._lock:
-            holding = [sequence.job for sequence in self._batch.sequences] + self._joining
-        return min(sum(map(_reserved_tokens, holding)) / self._max_batch_tokens, 1.0)
+            reserved = sum(map(_reserved_tokens, self._holding()))
+        return min(reserved / self._max_batch_tokens, 1.0)
 
     @property
     def step_times(self) -> StepTimes:
@@ -363,16 +363,27 @@ class BatchingEngine:
         """How many would still wait after the next admission with `job` in the queue, by `_admit`'s rule
         (free rows, then the cache budget, first come first served): the queue bound also holds when the
         cache budget, not the rows, is what keeps requests waiting. Called under the lock."""
-        holding = [sequence.job for sequence in self._batch.sequences] + self._joining
-        rows, reserved = self._max_batch_size - len(holding), sum(map(_reserved_tokens, holding))
+        holding = self._holding()
+        reserved = sum(map(_reserved_tokens, holding))
         queue = [*self._waiting, job]
         starting = 0
         for waiting in queue:
-            wanted = _reserved_tokens(waiting)
-            if rows == 0 or ((holding or starting) and reserved + wanted > self._max_batch_tokens):
+            if len(holding) + starting == self._max_batch_size or not self._cache_admits(
+                waiting, reserved, anyone=bool(holding or starting)
+            ):
                 break
-            rows, reserved, starting = rows - 1, reserved + wanted, starting + 1
+            reserved, starting = reserved + _reserved_tokens(waiting), starting + 1
         return len(queue) - starting
+
+    def _holding(self) -> list[Job]:
+        """The requests that hold rows and cache budget: in the batch, or taken in for the step being
+        planned. Called under the lock."""
+        return [sequence.job for sequence in self._batch.sequences] + self._joining
+
+    def _cache_admits(self, job: Job, reserved: int, anyone: bool) -> bool:
+        """The cache budget's rule: a request joins if its reservation fits beside what is held; alone,
+        always (one request larger than the budget still runs)."""
+        return not anyone or reserved + _reserved_tokens(job) <= self._max_batch_tokens
 
     def _release(self, job: Job) -> None:
         """The consumer finished or left (disconnect, timeout): free the queue place or the batch row."""
@@ -436,21 +447,20 @@ class BatchingEngine:
         chunk = chunk_tokens(self._loaded.device) if self._chunk_tokens is None else self._chunk_tokens
         chunk = chunk or 2**62  # 0: never
         with self._lock:
-            in_use = sum(_reserved_tokens(sequence.job) for sequence in self._batch.sequences)
+            in_use = sum(map(_reserved_tokens, self._holding()))  # nobody is joining between steps
             prefill = 0
             budget = self._max_prefill_tokens or prefill_budget(self._loaded.device, len(self._batch))
             while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
                 job = self._waiting[0]
                 prompt = len(job.prompt.token_ids)
-                wanted = _reserved_tokens(job)
-                if (self._batch or admitted) and in_use + wanted > self._max_batch_tokens:
+                if not self._cache_admits(job, in_use, anyone=bool(self._batch or admitted)):
                     break  # waits for a finishing request to free cache room
                 if admitted and (prefill + prompt > budget or prompt > chunk):
                     break  # joins at the next step: running streams only pause for a bounded prefill
                 self._waiting.pop(0)
                 if not job.cancelled.is_set():
                     admitted.append(job)
-                    in_use += wanted
+                    in_use += _reserved_tokens(job)
                     prefill += prompt
                     if prompt > chunk:
                         break  # prefilled alone, in chunks while others decode
