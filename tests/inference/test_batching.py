@@ -51,7 +51,7 @@ def transformers_sdpa(loaded: LoadedModel) -> Iterator[None]:
         model.set_attn_implementation(SLOT_ATTENTION)
 
 
-def reference(loaded: LoadedModel, prompt: Prompt, max_tokens: int) -> list[int]:
+def reference(loaded: LoadedModel, prompt: Prompt, max_tokens: int, ignore_eos: bool = False) -> list[int]:
     """What the model makes for this prompt alone: transformers' own generate and attention, greedy."""
     ids = torch.tensor([prompt.token_ids])
     adapter = prompt.model if prompt.model in loaded.adapters else BASE_ADAPTER
@@ -60,11 +60,17 @@ def reference(loaded: LoadedModel, prompt: Prompt, max_tokens: int) -> list[int]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens if ignore_eos else None,
             do_sample=False,
             pad_token_id=loaded.tokenizer.pad_token_id,
-            adapter_names=[adapter],
+            **({"adapter_names": [adapter]} if loaded.has_peft else {}),
         )
     return out[0, ids.shape[1] :].tolist()
+
+
+def encoded(loaded: LoadedModel, text: str) -> Prompt:
+    """The prompt the engine's encode_text makes, without starting an engine."""
+    return Prompt(model="tiny", token_ids=tuple(loaded.tokenizer.encode(text)))
 
 
 async def collect(
@@ -474,8 +480,8 @@ def test_every_end_of_turn_id_of_the_generation_config_ends_a_request(
     model_dir = tmp_path / "model"
     shutil.copytree(demo[0], model_dir)
     plain = load_model(model_dir, {}, "float32", "cpu", None)
-    prompt = Prompt(model="tiny", token_ids=tuple(plain.tokenizer.encode(PROMPTS[3])))
-    free = greedy_without_adapters(plain, prompt, 12, ignore_eos=True)
+    prompt = encoded(plain, PROMPTS[3])
+    free = reference(plain, prompt, 12, ignore_eos=True)
     turn_end = next(token for i, token in enumerate(free) if i >= 2 and token not in free[:i])
     config = json.loads((model_dir / "generation_config.json").read_text())
     config["eos_token_id"] = [plain.tokenizer.eos_token_id, turn_end]
@@ -487,26 +493,10 @@ def test_every_end_of_turn_id_of_the_generation_config_ends_a_request(
         deltas = asyncio.run(collect(engine, prompt, SamplingParams(12, temperature=0)))
     finally:
         engine.shutdown()
-    expected = greedy_without_adapters(loaded, prompt, 12, ignore_eos=False)
+    expected = reference(loaded, prompt, 12)
     assert expected == free[: free.index(turn_end) + 1], "model.generate stops there too"
     assert tokens(deltas) == expected
     assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == len(expected)
-
-
-def greedy_without_adapters(
-    loaded: LoadedModel, prompt: Prompt, max_tokens: int, ignore_eos: bool
-) -> list[int]:
-    ids = torch.tensor([prompt.token_ids])
-    with torch.inference_mode(), transformers_sdpa(loaded):
-        out = loaded.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens if ignore_eos else None,
-            do_sample=False,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
-    return out[0, ids.shape[1] :].tolist()
 
 
 def test_the_cache_budget_holds_prompt_and_max_tokens_not_what_is_generated_twice(
@@ -514,9 +504,7 @@ def test_the_cache_budget_holds_prompt_and_max_tokens_not_what_is_generated_twic
 ) -> None:
     """Two requests that fit the cache budget together (prompt + max_tokens each) run together, also
     when the second arrives after the first has generated some of its tokens."""
-    probe = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=4096)
-    prompt = probe.encode_text("tiny", PROMPTS[0])
-    probe.shutdown()
+    prompt = encoded(loaded, PROMPTS[0])
     params = SamplingParams(60, temperature=0, ignore_eos=True)
     budget = 2 * (len(prompt.token_ids) + params.max_tokens)
     engine = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=budget)
@@ -546,9 +534,7 @@ def test_the_cache_budget_holds_prompt_and_max_tokens_not_what_is_generated_twic
 def test_the_queue_bound_holds_when_the_cache_budget_is_the_limit(loaded: LoadedModel) -> None:
     """Free rows are no queue room when the cache budget keeps requests out of them: beyond
     max_queued waiting, the next request is refused (429) rather than queued without bound."""
-    probe = BatchingEngine(loaded, "tiny", max_batch_size=4, max_queued=4, max_batch_tokens=4096)
-    prompt = probe.encode_text("tiny", PROMPTS[0])
-    probe.shutdown()
+    prompt = encoded(loaded, PROMPTS[0])
     params = SamplingParams(60, temperature=0, ignore_eos=True)
     room_for_one = len(prompt.token_ids) + params.max_tokens + 10
     engine = BatchingEngine(loaded, "tiny", max_batch_size=8, max_queued=1, max_batch_tokens=room_for_one)

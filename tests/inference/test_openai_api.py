@@ -142,18 +142,25 @@ def test_completions_plain_and_streamed(client: openai.OpenAI) -> None:
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == plain.choices[0].text
 
 
+# 40 sampled tokens over CJK and emoji: with this seed some tokens complete no character.
+SPLIT_PROMPT = "你好，世界。こんにちは。🙂"  # noqa: RUF001
+SPLITS_CHARACTERS = {
+    "max_tokens": 40,
+    "temperature": 1.0,
+    "seed": 3,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "extra_body": {"ignore_eos": True},
+}
+
+
 def test_a_completion_stream_has_a_chunk_per_token(client: openai.OpenAI) -> None:
     """As vLLM's: a token that completes no character yet (half of a multi-byte one) still sends its
     chunk, with empty text, so a client's time to first token is the first token's."""
     stream = client.completions.create(
         model="tiny",
-        prompt="你好，世界。こんにちは。🙂",  # noqa: RUF001
-        max_tokens=40,
-        temperature=1.0,
-        seed=3,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+        prompt=SPLIT_PROMPT,
+        **SPLITS_CHARACTERS,
     )
     chunks = list(stream)
     texts = [chunk.choices[0].text for chunk in chunks if chunk.choices]
@@ -167,13 +174,8 @@ def test_a_chat_stream_has_a_chunk_per_token_and_no_half_characters(client: open
     splits characters across tokens: a chunk is empty until one completes, never half of one."""
     stream = client.chat.completions.create(
         model="tiny",
-        messages=[{"role": "user", "content": "你好，世界。こんにちは。🙂"}],  # noqa: RUF001
-        max_tokens=40,
-        temperature=1.0,
-        seed=3,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": SPLIT_PROMPT}],
+        **SPLITS_CHARACTERS,
     )
     chunks = list(stream)
     contents = [chunk.choices[0].delta.content for chunk in chunks[1:] if chunk.choices]
