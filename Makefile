@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VERSION ?= 0.1.0
 
-.PHONY: install test lint format demo bench bench-operator bench-faults chart-crds images e2e clean
+.PHONY: install test lint format demo bench bench-operator bench-faults chart-crds images e2e cluster-build cluster-up cluster-down clean
 
 install: $(INSTALLED)
 
@@ -22,11 +22,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check operator inference_image tests benchmarks tools
+	$(VENV)/bin/ruff format --check operator inference_image tests benchmarks tools controlplane
 
 format: install
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format operator inference_image tests benchmarks tools
+	$(VENV)/bin/ruff format operator inference_image tests benchmarks tools controlplane
 
 # The main job on its embedded default: the demo model, rendered by the operator, served and chatted with.
 demo: install
@@ -56,6 +56,18 @@ images:
 # A real cluster end to end (docker, kind, kubectl, helm): see tests/e2e/run.sh.
 e2e:
 	bash tests/e2e/run.sh
+
+# A real control plane on loopback, no Docker: etcd, kube-apiserver, controller-manager, scheduler and kwok's
+# fake GPU nodes, built from Go modules (cached in ~/.cache/llmservice), the chart installed by helm and the
+# operator running locally as the chart's ServiceAccount. State and .cluster/kubeconfig under .cluster/.
+cluster-build:
+	bash controlplane/build.sh
+
+cluster-up: install
+	$(PY) -m controlplane up --dir .cluster
+
+cluster-down: install
+	$(PY) -m controlplane down --dir .cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .demo

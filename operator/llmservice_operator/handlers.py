@@ -36,7 +36,14 @@ CHILD_RESOURCES = {
     "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
     "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
 }
+POD_RESOURCE = ("", "v1", "pods")
 OWNED = {LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: kopf.PRESENT}
+# The same filter, applied by the API server: kopf's `labels=` filters only what it has already received,
+# so without it the operator would list, watch and decode every pod and ConfigMap in the cluster.
+OWNED_SELECTOR = f"{LABEL_MANAGED_BY}={OPERATOR_NAME},{LABEL_INSTANCE}"
+# Initial lists come in pages of this many objects (the API server's `limit`), so a start-up in a large
+# cluster never holds one huge response.
+LIST_CHUNK_SIZE = 500
 POD_STATUS_FIELDS = ("conditions", "initContainerStatuses", "containerStatuses", "phase")
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,9 @@ def build_registry(
         )
         # kopf would post every handler success as an Event; the reconciler posts its own.
         settings.posting.level = logging.WARNING
+        settings.watching.chunk_size = LIST_CHUNK_SIZE
+        for resource in [*CHILD_RESOURCES.values(), POD_RESOURCE]:
+            settings.watching.label_selectors[resource] = OWNED_SELECTOR
         memo.writer = ChildWriter.from_environment(metrics.api_retries)
         if operator_settings.resync_seconds > 0:
             memo.resync = asyncio.create_task(resync(memo.writer, kwargs), name="resync")
@@ -120,7 +130,7 @@ def build_registry(
     kopf.index(*llmservices, id=LLMSERVICE_INDEX, registry=registry)(_index_by_name)
     for kind, resource in CHILD_RESOURCES.items():
         kopf.index(*resource, labels=OWNED, id=CHILD_INDEXES[kind], registry=registry)(_index_by_owner)
-    kopf.index("", "v1", "pods", labels=OWNED, id=POD_INDEX, registry=registry)(_index_pod)
+    kopf.index(*POD_RESOURCE, labels=OWNED, id=POD_INDEX, registry=registry)(_index_pod)
 
     @kopf.on.resume(*llmservices, registry=registry)
     @kopf.on.create(*llmservices, registry=registry)
@@ -153,7 +163,7 @@ def build_registry(
         if not await owner_pass():
             requeue.retry_later((namespace, owner_name), owner_pass)
 
-    for resource in [*CHILD_RESOURCES.values(), ("", "v1", "pods")]:
+    for resource in [*CHILD_RESOURCES.values(), POD_RESOURCE]:
         kopf.on.event(*resource, labels=OWNED, id=f"{resource[2]}_changed", registry=registry)(child_changed)
 
     @kopf.on.delete(*llmservices, registry=registry, optional=True)

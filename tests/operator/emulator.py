@@ -119,16 +119,19 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             method = str(request.method.value).upper()
             self.calls[(method, request.resource.plural or "", request.subresource or "")] += 1
             action = request.action.value if request.action else ""
-            self.log.append(
-                Call(
-                    request.headers.get("User-Agent", ""),
-                    method,
-                    action,
-                    request.resource.group or "",
-                    request.resource.plural or "",
-                    request.subresource or "",
-                )
+            call = Call(
+                request.headers.get("User-Agent", ""),
+                method,
+                action,
+                request.resource.group or "",
+                request.resource.plural or "",
+                request.subresource or "",
             )
+            self.log.append(call)
+            if isinstance(request.data, dict) and self._is_creating_apply(request):
+                # The API server authorizes a server-side apply that creates the object as `create`
+                # too (Kubernetes' API concepts: server-side apply), beside the request's `patch`.
+                self.log.append(call._replace(action="CREATE"))
             faulted = await self._fault(request, method)
             if faulted is not None:
                 self._requests.remove(request)

@@ -63,23 +63,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["serving.llmservice.io"]
   resources: ["llmservices/finalizers"]
   verbs: ["update"]
-# Children: server-side apply (patch) creates and updates; HPA, PDB and NetworkPolicy are deleted when the
-# spec drops them.
+# Children: server-side apply (patch) updates, and the API server authorizes an apply that creates the
+# object as `create` as well; HPA, PDB and NetworkPolicy are deleted when the spec drops them.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Pods: read-only, for status (Unschedulable, ImagePullBackOff, CrashLoopBackOff, termination messages).
 - apiGroups: [""]
   resources: ["pods"]
