@@ -1,6 +1,7 @@
-"""Copy crds/ (the single source) into the chart as a template behind crds.enabled, kept on uninstall.
+"""Copy crds/ (the single source) into the chart as a template behind crds.enabled.
 
-`make chart-crds` runs it; tests/charts checks the chart's copy matches crds/.
+The CRD's own annotations keep it on helm uninstall and out of Argo CD's and Flux's prunes, wherever it
+is installed from. `make chart-crds` runs it; tests/charts checks the chart's copy matches crds/.
 """
 
 import sys
@@ -11,18 +12,11 @@ TARGET = ROOT / "charts" / "llmservice-operator" / "templates" / "crd-llmservice
 HEADER = """{{- if .Values.crds.enabled }}
 # Generated from crds/ by tools/sync_chart_crds.py (make chart-crds): do not edit here.
 """
-KEEP = """  annotations:
-    # helm uninstall must never delete the CRD (and with it every LLMService).
-    helm.sh/resource-policy: keep
-"""
 
 
 def render(source: str) -> str:
     body = source.split("\n", 1)[1] if source.startswith("#") else source
-    marker = "metadata:\n  name: llmservices.serving.llmservice.io\n"
-    if marker not in body:
-        raise SystemExit("crds/: unexpected metadata block")
-    return HEADER + body.replace(marker, marker + KEEP) + "{{- end }}\n"
+    return HEADER + body + "{{- end }}\n"
 
 
 def main() -> int:

@@ -1,6 +1,10 @@
 """`llmservice-operator run` (the operator) and `llmservice-operator render` (children, offline)."""
 
+import getpass
+import os
 import random
+import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +18,14 @@ from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import InvalidSpec, parse_manifest
 
 LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Builders may put one object in several places (a shared securityContext); PyYAML would write it once
+    with an anchor (&id001) and alias it after, which reads badly in a diff and hides what each child gets."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 @click.group()
@@ -85,6 +97,7 @@ def run(
         peering_name=peering_name,
         priority=replica_priority(priority, peering=bool(peering_name) and not standalone),
         liveness_endpoint=liveness_endpoint,
+        identity=replica_identity(),
     )
 
 
@@ -95,6 +108,19 @@ def replica_priority(priority: int | None, peering: bool) -> int | None:
     if priority is not None or not peering:
         return priority
     return random.SystemRandom().randint(1, 2**31 - 1)
+
+
+def replica_identity() -> str | None:
+    """kopf names a replica after $POD_ID, else after its login name, and getpass finds none for a UID without
+    a passwd entry (OpenShift runs images as one): kopf would not start. The host name stands in (the pod's
+    name in a pod), made unique per start as kopf does; None leaves kopf its own name."""
+    if os.environ.get("POD_ID"):
+        return None
+    try:
+        getpass.getuser()
+    except (KeyError, OSError):  # OSError from Python 3.13 on
+        return f"uid-{os.getuid()}@{socket.gethostname()}/{secrets.token_hex(3)}"
+    return None
 
 
 @main.command()
@@ -128,7 +154,7 @@ def render(path: str, namespace: str) -> None:
             where = f"LLMService {name!r}" if name else f"document {index + 1}"
             raise click.ClickException(f"{path}: {where}: {error}") from None
         manifests.extend(build_children(svc, settings).desired)
-    click.echo(yaml.safe_dump_all(manifests, sort_keys=False), nl=False)
+    click.echo(yaml.dump_all(manifests, Dumper=_NoAliasDumper, sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

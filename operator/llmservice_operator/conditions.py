@@ -2,7 +2,14 @@
 
 Conditions follow the Kubernetes API conventions and kstatus: Ready (normal-true), Progressing and
 Degraded (abnormal-true), plus kstatus's own Reconciling and Stalled mirrors of them, so that
-`kubectl wait --for=condition=Ready`, Flux and Argo CD judge health without custom scripts.
+`kubectl wait --for=condition=Ready` and Flux judge health without custom scripts (Argo CD runs the
+README's, which tests/operator/test_argocd_health.py checks against this module's output).
+
+A problem Kubernetes keeps retrying on its own (a pod waiting for a GPU node, an image pull, a model
+download) is still progress: Ready False with its reason, Reconciling True. It stalls (Stalled and
+Degraded True, Reconciling False) only once the Deployment's progress deadline has passed, because
+Flux fails a health check as soon as it sees Stalled. A problem no retry can fix stalls at once.
+Reconciling and Stalled are never True together: kstatus reads whichever it meets first.
 """
 
 from __future__ import annotations
@@ -13,14 +20,18 @@ from typing import Any
 MAX_MESSAGE = 1024
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Reconciling", "Stalled")
 IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
+# Ready False for these is a rollout under way, not a problem worth a Warning event.
+ROLLOUT_REASONS = {"Creating", "RolloutInProgress"}
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Something that keeps replicas from becoming ready until a person acts."""
+    """Something that keeps replicas from becoming ready. `transient`: Kubernetes retries it on its own,
+    so it needs a person only if it outlasts the Deployment's progress deadline."""
 
     reason: str
     message: str
+    transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,37 +59,46 @@ def _exit_detail(terminated: dict[str, Any]) -> str:
     return detail
 
 
+def _image_problem(pod_name: str, status: dict[str, Any]) -> Problem | None:
+    waiting = (status.get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    if reason not in IMAGE_PULL_REASONS:
+        return None
+    message = f"pod {pod_name}: cannot pull image {status.get('image')}: {waiting.get('message') or reason}"
+    if reason == "InvalidImageName":  # the reference itself cannot be parsed: no retry helps
+        return Problem(reason, message)
+    # A tag still being pushed, a registry outage or rate limit: the kubelet keeps retrying.
+    return Problem("ImagePullBackOff", message, transient=True)
+
+
 def _init_problem(pod_name: str, status: dict[str, Any]) -> Problem | None:
+    problem = _image_problem(pod_name, status)
+    if problem:
+        return problem
     state = status.get("state") or {}
-    waiting = state.get("waiting") or {}
-    if waiting.get("reason") in IMAGE_PULL_REASONS:
-        return Problem(
-            "ImagePullBackOff",
-            f"pod {pod_name}: cannot pull image {status.get('image')}: "
-            f"{waiting.get('message') or waiting['reason']}",
-        )
     terminated = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
     if terminated and terminated.get("exitCode", 0) != 0:
+        # A Deployment's pods restart always, so the kubelet retries a failed download with back-off.
         return Problem(
             "ModelDownloadFailed",
             f"pod {pod_name}: init container {status.get('name')} failed with {_exit_detail(terminated)}",
+            transient=True,
         )
     return None
 
 
 def _container_problem(pod_name: str, status: dict[str, Any]) -> Problem | None:
+    problem = _image_problem(pod_name, status)
+    if problem:
+        return problem
     state = status.get("state") or {}
     waiting = state.get("waiting") or {}
     reason = waiting.get("reason")
-    if reason in IMAGE_PULL_REASONS:
-        return Problem(
-            "ImagePullBackOff",
-            f"pod {pod_name}: cannot pull image {status.get('image')}: {waiting.get('message') or reason}",
-        )
     if reason == "CreateContainerConfigError":
         return Problem("CreateContainerConfigError", f"pod {pod_name}: {waiting.get('message') or reason}")
     last = (status.get("lastState") or {}).get("terminated")
     if reason == "CrashLoopBackOff":
+        # Restarted too, but a server that exits on start (a bad adapter, out of memory) exits again.
         detail = _exit_detail(last) if last else (waiting.get("message") or "restarting")
         return Problem(
             "CrashLoopBackOff", f"pod {pod_name}: the server keeps exiting; last time with {detail}"
@@ -89,28 +109,36 @@ def _container_problem(pod_name: str, status: dict[str, Any]) -> Problem | None:
     return None
 
 
-def pod_problem(pods: list[dict[str, Any]]) -> Problem | None:
-    """The first problem among the pods (by name), checking scheduling, init containers, then the server."""
-    for pod in sorted(pods, key=lambda item: item.get("metadata", {}).get("name", "")):
-        meta = pod.get("metadata", {})
-        if meta.get("deletionTimestamp"):
-            continue
-        name = meta.get("name", "?")
-        status = pod.get("status") or {}
-        for condition in status.get("conditions") or []:
-            unschedulable = condition.get("reason") == "Unschedulable" and condition.get("status") == "False"
-            if condition.get("type") == "PodScheduled" and unschedulable:
-                message = condition.get("message") or "unschedulable"
-                return Problem("Unschedulable", f"pod {name}: {message}")
-        for container in status.get("initContainerStatuses") or []:
-            problem = _init_problem(name, container)
-            if problem:
-                return problem
-        for container in status.get("containerStatuses") or []:
-            problem = _container_problem(name, container)
-            if problem:
-                return problem
+def _one_pod_problem(pod: dict[str, Any]) -> Problem | None:
+    name = pod.get("metadata", {}).get("name", "?")
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        unschedulable = condition.get("reason") == "Unschedulable" and condition.get("status") == "False"
+        if condition.get("type") == "PodScheduled" and unschedulable:
+            # Often a GPU node pool scaling up; the scheduler retries when nodes join.
+            message = condition.get("message") or "unschedulable"
+            return Problem("Unschedulable", f"pod {name}: {message}", transient=True)
+    for container in status.get("initContainerStatuses") or []:
+        problem = _init_problem(name, container)
+        if problem:
+            return problem
+    for container in status.get("containerStatuses") or []:
+        problem = _container_problem(name, container)
+        if problem:
+            return problem
     return None
+
+
+def pod_problem(pods: list[dict[str, Any]]) -> Problem | None:
+    """The first problem among the pods (by name; one no retry fixes before a transient one), checking
+    scheduling, init containers, then the server."""
+    live = [pod for pod in pods if not pod.get("metadata", {}).get("deletionTimestamp")]
+    problems = [
+        problem
+        for pod in sorted(live, key=lambda item: item.get("metadata", {}).get("name", ""))
+        if (problem := _one_pod_problem(pod))
+    ]
+    return next((problem for problem in problems if not problem.transient), problems[0] if problems else None)
 
 
 def deployment_problem(deployment: dict[str, Any]) -> Problem | None:
@@ -120,6 +148,18 @@ def deployment_problem(deployment: dict[str, Any]) -> Problem | None:
         if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
             return Problem("ReplicaFailure", condition.get("message") or "pods could not be created")
     return None
+
+
+def _stall(pod: Problem | None, rollout: Problem | None) -> Problem | None:
+    """What needs a person: a pod problem no retry fixes, else the Deployment's own verdict (the progress
+    deadline passed, pods cannot be created), with the pod problem that led there."""
+    if pod is not None and not pod.transient:
+        return pod
+    if rollout is None:
+        return None
+    if pod is None:
+        return rollout
+    return Problem(rollout.reason, f"{rollout.message.rstrip('.')}; {pod.message}")
 
 
 @dataclass(frozen=True)
@@ -146,15 +186,15 @@ def judge(observation: Observation) -> Verdict:
             problem,
         )
     if observation.apply_error is not None:
-        problem = Problem("ApplyFailed", observation.apply_error)
+        # The operator retries the apply itself (kopf.TemporaryError): still reconciling, not stalled.
         return Verdict(
             False,
-            problem.reason,
-            problem.message,
+            "ApplyFailed",
+            observation.apply_error,
             True,
-            problem.reason,
+            "ApplyFailed",
             "retrying to apply the children",
-            problem,
+            None,
         )
     deployment = observation.deployment
     if deployment is None:
@@ -177,7 +217,9 @@ def judge(observation: Observation) -> Verdict:
     generation = (deployment.get("metadata") or {}).get("generation")
     observed = generation is None or status.get("observedGeneration", 0) >= generation
 
-    problem = pod_problem(observation.pods) or deployment_problem(deployment)
+    pod = pod_problem(observation.pods)
+    # Conditions of a generation the Deployment controller has not seen yet describe the last rollout.
+    rollout = deployment_problem(deployment) if observed else None
     progress = f"{ready}/{desired} replicas ready, {updated} updated"
 
     if observed and desired == 0 and total == 0:
@@ -200,9 +242,14 @@ def judge(observation: Observation) -> Verdict:
             f"{ready}/{desired} replicas ready",
             None,
         )
-    if problem is not None:
-        return Verdict(False, problem.reason, problem.message, False, problem.reason, progress, problem)
-    return Verdict(False, "RolloutInProgress", progress, True, "RolloutInProgress", progress, None)
+    cause = pod or rollout
+    if cause is None:
+        return Verdict(False, "RolloutInProgress", progress, True, "RolloutInProgress", progress, None)
+    stall = _stall(pod, rollout)
+    if stall is None:
+        waiting = f"{progress}; Kubernetes retries until the Deployment's progress deadline"
+        return Verdict(False, cause.reason, cause.message, True, cause.reason, waiting, None)
+    return Verdict(False, cause.reason, cause.message, False, stall.reason, progress, stall)
 
 
 def _condition(
@@ -291,7 +338,8 @@ def status_changes(current: dict[str, Any], desired: dict[str, Any]) -> dict[str
 def condition_events(
     previous: list[dict[str, Any]], current: list[dict[str, Any]]
 ) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of events worth telling the user: transitions of Ready and Degraded."""
+    """(type, reason, message) of events worth telling the user: Ready turning True, each new problem
+    (Ready False for a reason other than a rollout under way) and Degraded turning True."""
     before = {item["type"]: item for item in previous}
     events = []
     for condition in current:
@@ -299,8 +347,11 @@ def condition_events(
         changed = old.get("status") != condition["status"] or old.get("reason") != condition["reason"]
         if not changed:
             continue
-        if condition["type"] == "Ready" and condition["status"] == "True":
+        kind, true = condition["type"], condition["status"] == "True"
+        new_problem = kind == "Ready" and not true and condition["reason"] not in ROLLOUT_REASONS
+        if kind == "Ready" and true:
             events.append(("Normal", condition["reason"], condition["message"]))
-        elif condition["type"] == "Degraded" and condition["status"] == "True":
+        elif new_problem or (kind == "Degraded" and true):
             events.append(("Warning", condition["reason"], condition["message"]))
-    return events
+    # A problem that stalls at once is both Ready's reason and Degraded's: one event says it.
+    return list(dict.fromkeys(events))

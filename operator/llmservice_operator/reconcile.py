@@ -137,6 +137,10 @@ class Reconciler:
         gone: frozenset[tuple[str, str]],
     ) -> None:
         meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            # Being deleted: the garbage collector either deletes the children or, for an orphaning
+            # delete, takes their owner references off. Restoring anything now would undo the latter.
+            return
         name, namespace = meta["name"], meta["namespace"]
         generation = meta.get("generation")
         view = ClusterView(indexes, self.expectations, namespace, name, gone)

@@ -24,6 +24,11 @@ class OperatorSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning"] = "info"
     metrics_port: int = Field(8080, description="Port of the Prometheus /metrics endpoint; 0 turns it off.")
     cluster_domain: str = "cluster.local"
+    platform: Literal["kubernetes", "openshift"] = Field(
+        "kubernetes",
+        description="openshift leaves the model pods' UID, GID and fsGroup to the namespace's SCC range "
+        "(restricted-v2 rejects a fixed UID outside it); the chart detects it.",
+    )
     resync_seconds: float = Field(
         300,
         ge=0,

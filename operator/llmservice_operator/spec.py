@@ -25,6 +25,27 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
+# Env names the operator sets on the server container, refused in spec.env in any case (the server reads
+# LLM_* case-insensitively). LLM_API_KEY is an env entry of its own (from apiKeySecretRef), which a second
+# entry of that name would collide with; the rest come from the operator's ConfigMap
+# (builders/config.py), which an env entry of the same name would silently override.
+API_KEY_ENV = "LLM_API_KEY"
+CONFIG_MAP_ENV = (
+    "LLM_MODEL",
+    "LLM_SERVED_MODEL_NAME",
+    "LLM_ADAPTERS",
+    "LLM_HOST",
+    "LLM_PORT",
+    "LLM_DEVICE",
+    "LLM_DTYPE",
+    "LLM_MAX_BATCH_SIZE",
+    "LLM_MAX_QUEUED_REQUESTS",
+    "LLM_MAX_MODEL_LEN",
+    "LLM_LOG_FORMAT",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+)
+
 
 class InvalidSpec(ValueError):
     """A spec that can never be served; the message names the offending field."""
@@ -145,9 +166,23 @@ class EnvValueFrom(_Model):
 
 
 class EnvVar(_Model):
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, max_length=256)]
     value: str | None = None
     value_from: EnvValueFrom | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_set_by_the_operator(cls, name: str) -> str:
+        if name.upper() == API_KEY_ENV:
+            raise ValueError(
+                f"{API_KEY_ENV} is set by the operator; use spec.apiKeySecretRef instead of an env entry"
+            )
+        if name.upper() in CONFIG_MAP_ENV:
+            raise ValueError(
+                f"{name} is set by the operator through its ConfigMap (from spec.model, spec.adapters, "
+                "spec.gpus and spec.serving); an env entry would override it"
+            )
+        return name
 
     @model_validator(mode="after")
     def _one_value(self) -> EnvVar:
@@ -286,14 +321,16 @@ class LLMServiceSpec(_Model):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
-    @field_validator("adapters")
+    # The CRD keys these lists by name (x-kubernetes-list-type: map), as the pod keys env and
+    # imagePullSecrets: a repeated name would fail the Deployment's server-side apply.
+    @field_validator("adapters", "env", "image_pull_secrets")
     @classmethod
-    def _unique_adapter_names(cls, adapters: list[AdapterSpec]) -> list[AdapterSpec]:
-        names = [adapter.name for adapter in adapters]
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        names = [item.name for item in items]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"adapter names must be unique; repeated: {', '.join(duplicates)}")
-        return adapters
+            raise ValueError(f"names must be unique; repeated: {', '.join(duplicates)}")
+        return items
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """charts/llmservice-operator: lint, render, schema-validate, CRD sync, RBAC and Pod Security."""
 
+import json
 from typing import Any
 
 import helm_python
 import pytest
 import yaml
+from helm_python import _native
 
 from llmservice_operator.builders import build_children
 from llmservice_operator.settings import OperatorSettings
@@ -37,7 +39,33 @@ VARIANTS = {
     },
     "crds-off": {"crds": {"enabled": False}},
     "names": {"nameOverride": "llmops", "fullnameOverride": "llm-operator"},
+    "openshift": {"platform": "openshift"},
 }
+OPENSHIFT_API = "security.openshift.io/v1"
+
+
+def render_with_api_versions(values: dict[str, Any], api_versions: list[str]) -> list[dict[str, Any]]:
+    """`helm template --api-versions`: Chart.render does not pass them, the C library's helm_render does."""
+    options = {"name": "llmservice-operator", "namespace": "llm-system", "is_install": True}
+    with helm_python.Chart.load(OPERATOR_CHART) as chart:
+        rendered = _native.call_string(
+            "helm_render",
+            chart._raw(),
+            json.dumps(values),
+            json.dumps({**options, "api_versions": api_versions}),
+        )
+    return [
+        document
+        for path, text in sorted(json.loads(rendered).items())
+        if not path.endswith("NOTES.txt")
+        for document in yaml.safe_load_all(text)
+        if document
+    ]
+
+
+def operator_pod(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = of_kind(documents, "Deployment")
+    return deployment["spec"]["template"]["spec"]
 
 
 @pytest.mark.parametrize("values", VARIANTS.values(), ids=VARIANTS.keys())
@@ -78,8 +106,10 @@ def test_default_install() -> None:
         "--all-namespaces",
         "--standalone",
     ]
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
     assert env == {
+        "POD_ID": {"fieldRef": {"fieldPath": "metadata.name"}},
+        "LLMSERVICE_PLATFORM": "kubernetes",
         "LLMSERVICE_INFERENCE_IMAGE": "ghcr.io/llmservice/inference:0.1.0",
         "LLMSERVICE_HPA_METRIC_NAME": "llmservice_in_flight_requests",
         "LLMSERVICE_LOG_LEVEL": "info",
@@ -109,10 +139,11 @@ def test_peering_installs_kopf_peering_and_passes_it() -> None:
     documents = render(OPERATOR_CHART, VARIANTS["peering"])
     args = of_kind(documents, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--peering=llmservice-operator" in args and "--standalone" not in args
+    # kopf's shared peering CRDs come from the chart's crds/ folder (test_peering.py), not the release.
     crds = {crd["metadata"]["name"] for crd in of_kind(documents, "CustomResourceDefinition")}
-    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    assert crds == {"llmservices.serving.llmservice.io"}
     (peering,) = of_kind(documents, "ClusterKopfPeering")
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert "annotations" not in peering["metadata"]
 
 
 def test_monitoring_objects() -> None:
@@ -141,12 +172,11 @@ def test_crds_off_and_custom_image() -> None:
     assert {"name": "LLMSERVICE_INFERENCE_IMAGE", "value": "registry.example/llm:cpu"} in container["env"]
 
 
-def test_the_chart_crd_is_crds_dir_plus_keep() -> None:
+def test_the_chart_crd_is_the_crds_dir() -> None:
     source = (ROOT / "crds" / "serving.llmservice.io_llmservices.yaml").read_text()
     template = OPERATOR_CHART / "templates" / "crd-llmservices.yaml"
     assert template.read_text() == crd_template(source), "run `make chart-crds`"
-    (rendered,) = [crd for crd in of_kind(render(OPERATOR_CHART, {}), "CustomResourceDefinition")]
-    assert rendered["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    (rendered,) = of_kind(render(OPERATOR_CHART, {}), "CustomResourceDefinition")
     assert rendered == yaml.safe_load(source)
 
 
@@ -158,11 +188,38 @@ def test_the_chart_crd_is_crds_dir_plus_keep() -> None:
         ({"replicaCount": 3}, "value must be true"),
         ({"logLevel": "verbose"}, "logLevel"),
         ({"watch": {"namespaces": ["Not_A_Namespace"]}}, "namespaces"),
+        ({"platform": "okd"}, "platform"),
     ],
 )
 def test_values_schema_rejects(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=message):
         helm_python.Chart.load(OPERATOR_CHART).validate_schema(values)
+
+
+def test_openshift_fixes_no_uid_on_the_operator_pod_and_tells_the_operator() -> None:
+    """restricted-v2 assigns UID and GID from the namespace's range and refuses pods fixing them outside."""
+    pod = operator_pod(render(OPERATOR_CHART, VARIANTS["openshift"]))
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert {"name": "LLMSERVICE_PLATFORM", "value": "openshift"} in pod["containers"][0]["env"]
+    kubernetes = operator_pod(render(OPERATOR_CHART, {}))["securityContext"]
+    assert (kubernetes["runAsUser"], kubernetes["runAsGroup"]) == (1000, 1000)
+
+
+@pytest.mark.parametrize(
+    ("values", "api_versions", "platform"),
+    [
+        ({}, [OPENSHIFT_API], "openshift"),
+        ({}, ["example.com/v1"], "kubernetes"),
+        ({"platform": "kubernetes"}, [OPENSHIFT_API], "kubernetes"),
+    ],
+    ids=["detected", "not-openshift", "value-wins"],
+)
+def test_the_platform_is_detected_by_the_openshift_api(
+    values: dict[str, Any], api_versions: list[str], platform: str
+) -> None:
+    pod = operator_pod(render_with_api_versions(values, api_versions))
+    assert {"name": "LLMSERVICE_PLATFORM", "value": platform} in pod["containers"][0]["env"]
+    assert ("runAsUser" in pod["securityContext"]) is (platform == "kubernetes")
 
 
 def test_operator_pod_meets_the_restricted_profile() -> None:
@@ -176,11 +233,12 @@ def test_operator_pod_meets_the_restricted_profile() -> None:
 @pytest.mark.parametrize("example", ["support-bot.yaml", "demo-cpu.yaml"])
 def test_inference_pods_meet_the_restricted_profile_and_validate(example: str) -> None:
     manifest = yaml.safe_load((ROOT / "examples" / example).read_text())
-    children = build_children(parse_manifest(manifest), OperatorSettings()).desired
-    (deployment,) = [child for child in children if child["kind"] == "Deployment"]
-    assert restricted_violations(deployment["spec"]["template"]["spec"]) == []
-    for version in KUBE_VERSIONS:
-        assert [error for child in children if (error := schema_errors(child, version))] == []
+    for platform in ("kubernetes", "openshift"):
+        children = build_children(parse_manifest(manifest), OperatorSettings(platform=platform)).desired
+        (deployment,) = [child for child in children if child["kind"] == "Deployment"]
+        assert restricted_violations(deployment["spec"]["template"]["spec"]) == []
+        for version in KUBE_VERSIONS:
+            assert [error for child in children if (error := schema_errors(child, version))] == []
 
 
 def test_a_pvc_sourced_inference_pod_is_still_restricted() -> None:

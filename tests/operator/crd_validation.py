@@ -1,11 +1,13 @@
 """Validate an LLMService the way the API server would: structural defaults, the OpenAPI schema, CEL rules.
 
 jsonschema checks the openAPIV3Schema (it ignores the x-kubernetes-* extensions); cel-python evaluates
-each x-kubernetes-validations rule with `self` bound to the node it sits on, after defaulting, as the API
-server does.
+each x-kubernetes-validations rule (and its messageExpression) with `self` bound to the node it sits on,
+after defaulting, as the API server does; and lists typed map or set must not repeat a key or a value,
+which the API server reports as "Duplicate value".
 """
 
 import copy
+import json
 from typing import Any
 
 import celpy
@@ -30,12 +32,16 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
     return value
 
 
+def _evaluate(expression: str, value: Any) -> Any:
+    return _cel.program(_cel.compile(expression)).evaluate({"self": celpy.json_to_cel(value)})
+
+
 def _cel_violations(schema: dict[str, Any], value: Any, path: str) -> list[str]:
     problems = []
     for rule in schema.get("x-kubernetes-validations") or []:
-        program = _cel.program(_cel.compile(rule["rule"]))
-        if not program.evaluate({"self": celpy.json_to_cel(value)}):
-            problems.append(f"{path}: {rule['message']}")
+        if not _evaluate(rule["rule"], value):
+            message = _evaluate(rule["messageExpression"], value) if "messageExpression" in rule else None
+            problems.append(f"{path}: {message or rule['message']}")
     if isinstance(value, dict):
         for key, sub in (schema.get("properties") or {}).items():
             if key in value and key != "metadata":
@@ -46,19 +52,28 @@ def _cel_violations(schema: dict[str, Any], value: Any, path: str) -> list[str]:
     return problems
 
 
-def _list_map_violations(schema: dict[str, Any], value: Any, path: str) -> list[str]:
-    """x-kubernetes-list-type: map means unique keys; jsonschema cannot say that."""
+def _list_type_violations(schema: dict[str, Any], value: Any, path: str) -> list[str]:
     problems = []
-    if isinstance(value, list) and schema.get("x-kubernetes-list-type") == "map":
-        keys = [tuple(item.get(key) for key in schema["x-kubernetes-list-map-keys"]) for item in value]
-        if len(set(keys)) != len(keys):
-            problems.append(
-                f"{path}: duplicate entries in a list keyed by {schema['x-kubernetes-list-map-keys']}"
-            )
     if isinstance(value, dict):
         for key, sub in (schema.get("properties") or {}).items():
             if key in value:
-                problems += _list_map_violations(sub, value[key], f"{path}.{key}")
+                problems += _list_type_violations(sub, value[key], f"{path}.{key}")
+    elif isinstance(value, list):
+        list_type = schema.get("x-kubernetes-list-type")
+        seen = []
+        for index, item in enumerate(value):
+            if list_type in ("map", "set"):
+                unique = (
+                    {key: item.get(key) for key in schema["x-kubernetes-list-map-keys"]}
+                    if list_type == "map"
+                    else item
+                )
+                if unique in seen:
+                    as_json = json.dumps(unique, separators=(",", ":"))
+                    problems.append(f"{path}[{index}]: Duplicate value: {as_json}")
+                seen.append(unique)
+            if "items" in schema:
+                problems += _list_type_violations(schema["items"], item, f"{path}[{index}]")
     return problems
 
 
@@ -71,4 +86,4 @@ def crd_violations(crd: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     ]
     if problems:  # the API server stops at schema errors too
         return problems
-    return _cel_violations(schema, obj, "self") + _list_map_violations(schema, obj, "self")
+    return _cel_violations(schema, obj, "self") + _list_type_violations(schema, obj, "self")

@@ -112,15 +112,92 @@ class TestDeployment:
         assert spec["template"]["metadata"]["labels"] == LABELS
 
     def test_gpu_limits_and_toleration(self) -> None:
-        assert server(gpus=2)["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+        assert server(gpus=2)["resources"]["limits"] == {"nvidia.com/gpu": "2"}
         assert pod_spec(gpus=2)["tolerations"] == [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
 
     def test_cpu_serving_has_no_gpu_and_keeps_user_resources(self) -> None:
         container = server(gpus=0, resources={"requests": {"cpu": 2}, "limits": {"memory": "4Gi"}})
-        assert container["resources"] == {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}}
+        assert container["resources"] == {
+            "requests": {"cpu": "2", "ephemeral-storage": "50Gi"},
+            "limits": {"memory": "4Gi"},
+        }
         assert "tolerations" not in pod_spec(gpus=0)
+
+    def test_every_container_requests_cpu_and_memory(self) -> None:
+        """A namespace ResourceQuota on requests.cpu/memory refuses a pod where any container lacks them."""
+        spec = pod_spec(adapters=[{"name": "support", "source": "hf://acme/support-lora"}])
+        assert spec["containers"][0]["resources"]["requests"] == {
+            "cpu": "2",
+            "memory": "8Gi",
+            "ephemeral-storage": "50Gi",
+        }
+        assert [init["resources"] for init in spec["initContainers"]] == 2 * [
+            {"requests": {"cpu": "250m", "memory": "512Mi", "ephemeral-storage": "50Gi"}}
+        ]
+        cpu_serving = server(gpus=0)["resources"]
+        assert cpu_serving == {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "50Gi"}}
+
+    def test_user_requests_win_and_a_limit_alone_takes_no_default_request(self) -> None:
+        # The API server sets a missing request to its limit; a default 8Gi over a 4Gi limit would be refused.
+        resources = server(
+            resources={"requests": {"cpu": "500m", "ephemeral-storage": "10Gi"}, "limits": {"memory": "4Gi"}}
+        )["resources"]
+        assert resources == {
+            "requests": {"cpu": "500m", "ephemeral-storage": "10Gi"},
+            "limits": {"memory": "4Gi", "nvidia.com/gpu": "1"},
+        }
+
+    def test_an_empty_dir_cache_is_requested_as_ephemeral_storage(self) -> None:
+        """kubelet charges the emptyDir to the pod; the scheduler takes max(largest init, sum of the rest)."""
+        spec = pod_spec(cache={"sizeLimit": "80Gi"})
+        containers = spec["initContainers"] + spec["containers"]
+        assert {c["resources"]["requests"]["ephemeral-storage"] for c in containers} == {"80Gi"}
+        on_a_claim = pod_spec(cache={"claimName": "hf-cache"})
+        assert [
+            c
+            for c in on_a_claim["initContainers"] + on_a_claim["containers"]
+            if "ephemeral-storage" in c["resources"]["requests"]
+        ] == []
+
+    @pytest.mark.parametrize(
+        "spec",
+        [{"replicas": 3}, {"autoscaling": {"maxReplicas": 4}}],
+        ids=["replicas", "autoscaling"],
+    )
+    def test_several_replicas_spread_across_nodes(self, spec: dict) -> None:
+        assert pod_spec(**spec)["topologySpreadConstraints"] == [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": SELECTOR},
+                "matchLabelKeys": ["pod-template-hash"],
+            }
+        ]
+
+    def test_one_replica_has_nothing_to_spread(self) -> None:
+        assert "topologySpreadConstraints" not in pod_spec(replicas=1)
+        assert "topologySpreadConstraints" not in pod_spec(autoscaling={"maxReplicas": 1})
+
+    def test_the_users_pod_affinity_replaces_the_spread_and_node_affinity_keeps_it(self) -> None:
+        anti = {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"labelSelector": {"matchLabels": SELECTOR}, "topologyKey": "topology.kubernetes.io/zone"}
+                ]
+            }
+        }
+        spec = pod_spec(replicas=3, affinity=anti)
+        assert spec["affinity"] == anti
+        assert "topologySpreadConstraints" not in spec
+        nodes = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+        }
+        spec = pod_spec(replicas=3, affinity=nodes)
+        assert spec["affinity"] == nodes
+        assert len(spec["topologySpreadConstraints"]) == 1
 
     def test_user_tolerations_follow_the_gpu_one(self) -> None:
         tolerations = pod_spec(
@@ -199,8 +276,13 @@ class TestDeployment:
 
     def test_restricted_security_context(self) -> None:
         spec = pod_spec(hfTokenSecretRef={"name": "hf"})
-        assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
         assert spec["automountServiceAccountToken"] is False
         for container in spec["containers"] + spec["initContainers"]:
             assert container["securityContext"] == {
@@ -209,6 +291,16 @@ class TestDeployment:
                 "runAsNonRoot": True,
                 "capabilities": {"drop": ["ALL"]},
             }
+
+    def test_openshift_leaves_uid_gid_and_fs_group_to_the_scc(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """restricted-v2 assigns them from the namespace's range and refuses a pod fixing them outside it."""
+        monkeypatch.setenv("LLMSERVICE_PLATFORM", "openshift")
+        svc = service(hfTokenSecretRef={"name": "hf"})
+        spec = build_deployment(svc, OperatorSettings(), build_config_map(svc))["spec"]["template"]["spec"]
+        assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        for container in spec["containers"] + spec["initContainers"]:
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            assert container["securityContext"]["runAsNonRoot"] is True
 
     def test_secrets_reach_the_pod_only_by_reference(self) -> None:
         container = server(apiKeySecretRef={"name": "keys", "key": "bot"})
@@ -288,7 +380,12 @@ class TestAutoscaling:
         assert build_pdb(service(replicas=2))["spec"] == {
             "maxUnavailable": 1,
             "selector": {"matchLabels": SELECTOR},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         }
+
+    @pytest.mark.parametrize("version", KUBE_VERSIONS)
+    def test_pdb_validates_against_the_kubernetes_schema(self, version: str) -> None:
+        assert schema_errors(build_pdb(service(replicas=2)), version) is None
 
     def test_children_and_leftovers(self) -> None:
         fixed = build_children(service(replicas=1), SETTINGS)

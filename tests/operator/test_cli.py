@@ -1,12 +1,17 @@
 """The CLI as a user runs it: `llmservice-operator render` and `run --help`."""
 
+import os
+import pwd
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
+import pytest
 import yaml
 
-from llmservice_operator.cli import replica_priority
+from llmservice_operator.cli import replica_identity, replica_priority
 from tests.conftest import ROOT
 
 CLI = [sys.executable, "-m", "llmservice_operator.cli"]
@@ -28,6 +33,15 @@ def test_render_prints_the_children_as_a_yaml_stream() -> None:
         ("PodDisruptionBudget", "support-bot"),
     ]
     assert all("ownerReferences" not in doc["metadata"] for doc in documents)
+
+
+def test_render_prints_no_yaml_anchors() -> None:
+    """The init containers and the server share one securityContext object; reviewers diff this output."""
+    result = run("render", "-f", "examples/support-bot.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "&id" not in result.stdout and "*id" not in result.stdout
+    pod = list(yaml.safe_load_all(result.stdout))[2]["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["securityContext"] == pod["containers"][0]["securityContext"]
 
 
 def test_render_takes_several_documents_and_a_namespace_from_stdin(tmp_path: Path) -> None:
@@ -94,3 +108,63 @@ def test_the_examples_name_no_namespace_so_kubectl_n_places_them() -> None:
     for example in (ROOT / "examples").glob("*.yaml"):
         for document in yaml.safe_load_all(example.read_text()):
             assert "namespace" not in document["metadata"], example.name
+
+
+NO_PASSWD_UID = 4242
+
+
+def _interpreter_for(uid: int) -> str:
+    """This interpreter, or where `uid` may not run it (a pyenv under /root) the system's of its version."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin")):
+        if candidate is None:
+            continue
+        try:
+            subprocess.run(
+                [candidate, "-c", ""], user=uid, group=uid, extra_groups=[], check=True, timeout=30
+            )
+        except (PermissionError, subprocess.CalledProcessError):
+            continue
+        return candidate
+    pytest.skip(f"no {version} that UID {uid} may run")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="switching UID needs root")
+def test_the_cli_needs_no_passwd_entry_nor_home() -> None:
+    """OpenShift runs images as a UID from the namespace's range: no passwd entry, no writable HOME."""
+    with pytest.raises(KeyError):
+        pwd.getpwuid(NO_PASSWD_UID)
+    unset = {"HOME", "USER", "LOGNAME", "LNAME", "USERNAME", "POD_ID"}
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    # The package and its dependencies from this environment, whichever interpreter runs them.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "operator"), sysconfig.get_paths()["purelib"]])
+    interpreter = _interpreter_for(NO_PASSWD_UID)
+    commands = (
+        ["-m", "llmservice_operator.cli", "render", "-f", "examples/demo-cpu.yaml"],
+        ["-m", "llmservice_operator.cli", "run", "--help"],
+        # What `run` hands kopf, which would otherwise ask getpass for a login name and fail.
+        ["-c", "from llmservice_operator.cli import replica_identity; print(replica_identity())"],
+    )
+    for args in commands:
+        result = subprocess.run(
+            [interpreter, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            user=NO_PASSWD_UID,
+            group=NO_PASSWD_UID,
+            extra_groups=[],
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout
+    assert result.stdout.startswith(f"uid-{NO_PASSWD_UID}@")
+
+
+def test_kopf_names_the_replica_itself_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_ID", "llmservice-operator-7d9f-abcde")
+    assert replica_identity() is None
+    monkeypatch.delenv("POD_ID")
+    monkeypatch.setenv("USER", "dev")
+    assert replica_identity() is None

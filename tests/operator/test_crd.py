@@ -1,11 +1,19 @@
-"""The CRD: its shape, and the specs its schema and CEL rules accept or reject (the operator agreeing)."""
+"""The CRD: its shape, and the specs its schema and CEL rules accept or reject (the operator agreeing).
+
+VALID_CASES and INVALID_CASES are plain data, so that a test against a real API server can feed it the
+same manifests.
+"""
 
 import copy
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import pytest
+import yaml
 
-from llmservice_operator.spec import InvalidSpec, parse_manifest
+from llmservice_operator.spec import API_KEY_ENV, CONFIG_MAP_ENV, InvalidSpec, parse_manifest
+from tests.charts.rendering import OPERATOR_CHART, of_kind, render
+from tests.conftest import ROOT
 from tests.operator.crd_validation import crd_violations
 
 MINIMAL = {
@@ -24,6 +32,27 @@ def with_changes(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(key, {})
     node[leaf] = value
     return manifest
+
+
+class ValidCase(NamedTuple):
+    """A manifest the API server and the operator both accept."""
+
+    name: str
+    manifest: dict[str, Any]
+
+
+class InvalidCase(NamedTuple):
+    """A manifest the API server and the operator both refuse."""
+
+    name: str
+    manifest: dict[str, Any]
+    # The field the refusal names: the operator's message starts with it ("spec.env[0].name: ..."), the
+    # API server's contains it (a list's duplicate as "spec.env[1]: Duplicate value: ...").
+    field: str
+    # Part of what this suite's validator (jsonschema and cel-python) says. The CEL messages and
+    # "Duplicate value" are the API server's words too; jsonschema words the schema's own errors
+    # ("greater than the maximum", "is not one of", "does not match", "is too long") otherwise.
+    crd_message: str
 
 
 def test_crd_names_scope_and_subresources(crd: dict) -> None:
@@ -64,19 +93,20 @@ def test_every_spec_field_is_described_or_self_explanatory(crd: dict) -> None:
     assert undocumented == []
 
 
-VALID = [
-    pytest.param(MINIMAL, id="minimal"),
-    pytest.param(with_changes(MINIMAL, "spec.model", {"source": "pvc://weights/llama/8b"}), id="pvc"),
-    pytest.param(with_changes(MINIMAL, "spec.gpus", 0), id="cpu"),
-    pytest.param(with_changes(MINIMAL, "spec.autoscaling", {"maxReplicas": 3}), id="autoscaling-defaults"),
-    pytest.param(
+VALID_CASES: list[ValidCase] = [
+    ValidCase("minimal", MINIMAL),
+    ValidCase("pvc", with_changes(MINIMAL, "spec.model", {"source": "pvc://weights/llama/8b"})),
+    ValidCase("cpu", with_changes(MINIMAL, "spec.gpus", 0)),
+    ValidCase("autoscaling-defaults", with_changes(MINIMAL, "spec.autoscaling", {"maxReplicas": 3})),
+    ValidCase(
+        "resources",
         with_changes(
             MINIMAL, "spec.resources", {"requests": {"cpu": "500m", "memory": "8Gi"}, "limits": {"cpu": 4}}
         ),
-        id="resources",
     ),
-    pytest.param(with_changes(MINIMAL, "metadata.name", "a" * 45), id="longest-name"),
-    pytest.param(
+    ValidCase("longest-name", with_changes(MINIMAL, "metadata.name", "a" * 45)),
+    ValidCase(
+        "network-policy",
         with_changes(
             MINIMAL,
             "spec.networkPolicy",
@@ -94,93 +124,112 @@ VALID = [
                 ],
             },
         ),
-        id="network-policy",
     ),
-    pytest.param(with_changes(MINIMAL, "spec.networkPolicy", {}), id="network-policy-off"),
-    pytest.param(
+    ValidCase("network-policy-off", with_changes(MINIMAL, "spec.networkPolicy", {})),
+    ValidCase(
+        "network-policy-off-without-peers",
         with_changes(MINIMAL, "spec.networkPolicy", {"enabled": False, "ingressFrom": []}),
-        id="network-policy-off-without-peers",
+    ),
+    ValidCase(
+        "env-beside-the-operators",  # the server's knobs the operator leaves alone, and look-alike names
+        with_changes(
+            with_changes(MINIMAL, "spec.apiKeySecretRef", {"name": "keys"}),
+            "spec.env",
+            [
+                {"name": "LLM_MAX_NEW_TOKENS", "value": "2048"},
+                {"name": "LLM_LOG_LEVEL", "value": "debug"},
+                {"name": "LLM_API_KEY_HEADER", "value": "x"},
+                {"name": "APP_LLM_PORT", "value": "9000"},
+                {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+            ],
+        ),
+    ),
+    ValidCase("env-name-longest", with_changes(MINIMAL, "spec.env", [{"name": "A" * 256, "value": "1"}])),
+    ValidCase(
+        "image-pull-secrets",
+        with_changes(MINIMAL, "spec.imagePullSecrets", [{"name": "registry"}, {"name": "mirror"}]),
     ),
 ]
 
-INVALID = [
-    pytest.param(
+INVALID_CASES: list[InvalidCase] = [
+    InvalidCase(
+        "min-over-max",
         with_changes(MINIMAL, "spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2}),
-        "minReplicas must not exceed",
         "spec.autoscaling",
-        id="min-over-max",
+        "minReplicas must not exceed",
     ),
-    pytest.param(
+    InvalidCase(
+        "scheme",
         with_changes(MINIMAL, "spec.model", {"source": "s3://bucket/model"}),
-        "source must be hf://",
         "spec.model.source",
-        id="scheme",
+        "source must be hf://",
     ),
-    pytest.param(
+    InvalidCase(
+        "empty",
         with_changes(MINIMAL, "spec.model", {"source": "hf://"}),
-        "source must be hf://",
         "spec.model.source",
-        id="empty",
+        "source must be hf://",
     ),
-    pytest.param(
+    InvalidCase(
+        "revision-off-hub",
         with_changes(MINIMAL, "spec.model", {"source": "file:///m", "revision": "v1"}),
-        "revision applies only to hf://",
         "spec.model",
-        id="revision-off-hub",
+        "revision applies only to hf://",
     ),
-    pytest.param(
+    InvalidCase(
+        "adapter-name",
         with_changes(MINIMAL, "spec.adapters", [{"name": "Support_Bot", "source": "hf://a/b"}]),
-        "DNS label",
         "spec.adapters[0].name",
-        id="adapter-name",
+        "DNS label",
     ),
-    pytest.param(
+    InvalidCase(
+        "adapter-duplicate",
         with_changes(
             MINIMAL,
             "spec.adapters",
             [{"name": "a", "source": "hf://a/b"}, {"name": "a", "source": "hf://a/c"}],
         ),
-        "duplicate",
         "spec.adapters",
-        id="adapter-duplicate",
+        "Duplicate value",
     ),
-    pytest.param(with_changes(MINIMAL, "spec.gpus", 9), "greater than the maximum", "spec.gpus", id="gpus-9"),
-    pytest.param(
-        with_changes(MINIMAL, "spec.gpus", -1), "less than the minimum", "spec.gpus", id="gpus-negative"
+    InvalidCase("gpus-9", with_changes(MINIMAL, "spec.gpus", 9), "spec.gpus", "greater than the maximum"),
+    InvalidCase(
+        "gpus-negative", with_changes(MINIMAL, "spec.gpus", -1), "spec.gpus", "less than the minimum"
     ),
-    pytest.param(
+    InvalidCase(
+        "name-long",
         with_changes(MINIMAL, "metadata.name", "a" * 46),
+        "metadata.name",
         "at most 45 characters",
-        "metadata.name",
-        id="name-long",
     ),
-    pytest.param(
+    InvalidCase(
+        "name-digit",
         with_changes(MINIMAL, "metadata.name", "9lives"),
-        "starts with a letter",
         "metadata.name",
-        id="name-digit",
+        "starts with a letter",
     ),
-    pytest.param(
+    InvalidCase(
+        "gpu-in-resources",
         with_changes(MINIMAL, "spec.resources", {"limits": {"nvidia.com/gpu": 2}}),
-        "set GPUs with spec.gpus",
         "spec.resources",
-        id="gpu-in-resources",
+        "set GPUs with spec.gpus",
     ),
-    pytest.param(
+    InvalidCase(
+        "env-both",
         with_changes(
             MINIMAL, "spec.env", [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]
         ),
-        "value or valueFrom",
         "spec.env[0]",
-        id="env-both",
+        "value or valueFrom",
     ),
-    pytest.param(
-        with_changes(MINIMAL, "spec.env", [{"name": "A", "valueFrom": {}}]),  # what pruning leaves of a
-        "exactly one of secretKeyRef",  # resourceFieldRef, which the schema does not carry
+    InvalidCase(
+        "env-value-from-empty",  # what pruning leaves of a resourceFieldRef, which the schema does not carry
+        with_changes(MINIMAL, "spec.env", [{"name": "A", "valueFrom": {}}]),
         "spec.env[0].valueFrom",
-        id="env-value-from-empty",
+        "exactly one of secretKeyRef",
     ),
-    pytest.param(
+    InvalidCase(
+        "env-value-from-two",
         with_changes(
             MINIMAL,
             "spec.env",
@@ -194,67 +243,67 @@ INVALID = [
                 }
             ],
         ),
-        "exactly one of secretKeyRef",
         "spec.env[0].valueFrom",
-        id="env-value-from-two",
+        "exactly one of secretKeyRef",
     ),
-    pytest.param(
+    InvalidCase(
+        "env-from-no-source",
         with_changes(MINIMAL, "spec.envFrom", [{"prefix": "X_"}]),
-        "exactly one of configMapRef, secretRef",
         "spec.envFrom[0]",
-        id="env-from-no-source",
+        "exactly one of configMapRef, secretRef",
     ),
-    pytest.param(
+    InvalidCase(
+        "toleration-exists-with-value",
         with_changes(MINIMAL, "spec.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}]),
+        "spec.tolerations[0]",
         "operator Exists takes no value",
-        "spec.tolerations[0]",
-        id="toleration-exists-with-value",
     ),
-    pytest.param(
+    InvalidCase(
+        "toleration-no-key",
         with_changes(MINIMAL, "spec.tolerations", [{"operator": "Equal", "value": "v"}]),
-        "without a key needs operator Exists",
         "spec.tolerations[0]",
-        id="toleration-no-key",
+        "without a key needs operator Exists",
     ),
-    pytest.param(
+    InvalidCase(
+        "toleration-seconds",
         with_changes(
             MINIMAL, "spec.tolerations", [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 30}]
         ),
-        "NoExecute only",
         "spec.tolerations[0]",
-        id="toleration-seconds",
+        "NoExecute only",
     ),
-    pytest.param(
+    InvalidCase(
+        "cache",
         with_changes(MINIMAL, "spec.cache", {"sizeLimit": "lots"}),
-        "does not match",
         "spec.cache.sizeLimit",
-        id="cache",
+        "does not match",
     ),
-    pytest.param(
+    InvalidCase(
+        "batch-size",
         with_changes(MINIMAL, "spec.serving", {"maxBatchSize": 0}),
-        "less than the minimum",
         "spec.serving.maxBatchSize",
-        id="batch-size",
+        "less than the minimum",
     ),
-    pytest.param(
+    InvalidCase(
+        "network-policy-no-peers",
         with_changes(MINIMAL, "spec.networkPolicy", {"enabled": True}),
-        "must list at least one peer when enabled",
         "spec.networkPolicy",
-        id="network-policy-no-peers",
+        "must list at least one peer when enabled",
     ),
-    pytest.param(
+    InvalidCase(
+        "network-policy-empty-peers",
         with_changes(MINIMAL, "spec.networkPolicy", {"enabled": True, "ingressFrom": []}),
-        "must list at least one peer when enabled",
         "spec.networkPolicy",
-        id="network-policy-empty-peers",
+        "must list at least one peer when enabled",
     ),
-    pytest.param(
+    InvalidCase(
+        "network-policy-peer-without-selector",
         with_changes(MINIMAL, "spec.networkPolicy", {"enabled": True, "ingressFrom": [{}]}),
-        "needs a namespaceSelector, a podSelector or both",
         "spec.networkPolicy.ingressFrom[0]",
-        id="network-policy-peer-without-selector",
+        "needs a namespaceSelector, a podSelector or both",
     ),
-    pytest.param(
+    InvalidCase(
+        "network-policy-in-without-values",
         with_changes(
             MINIMAL,
             "spec.networkPolicy",
@@ -263,11 +312,11 @@ INVALID = [
                 "ingressFrom": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}],
             },
         ),
-        "In and NotIn need values",
         "spec.networkPolicy.ingressFrom[0].podSelector.matchExpressions[0]",
-        id="network-policy-in-without-values",
+        "In and NotIn need values",
     ),
-    pytest.param(
+    InvalidCase(
+        "network-policy-exists-with-values",
         with_changes(
             MINIMAL,
             "spec.networkPolicy",
@@ -282,11 +331,11 @@ INVALID = [
                 ],
             },
         ),
-        "Exists and DoesNotExist take none",
         "spec.networkPolicy.ingressFrom[0].namespaceSelector.matchExpressions[0]",
-        id="network-policy-exists-with-values",
+        "Exists and DoesNotExist take none",
     ),
-    pytest.param(
+    InvalidCase(
+        "network-policy-operator",
         with_changes(
             MINIMAL,
             "spec.networkPolicy",
@@ -295,14 +344,71 @@ INVALID = [
                 "ingressFrom": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}],
             },
         ),
-        "is not one of",
         "spec.networkPolicy.ingressFrom[0].podSelector.matchExpressions[0].operator",
-        id="network-policy-operator",
+        "is not one of",
+    ),
+    InvalidCase(
+        "env-duplicate",
+        with_changes(MINIMAL, "spec.env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]),
+        "spec.env",
+        "Duplicate value",
+    ),
+    InvalidCase(
+        "image-pull-secret-duplicate",
+        with_changes(MINIMAL, "spec.imagePullSecrets", [{"name": "registry"}, {"name": "registry"}]),
+        "spec.imagePullSecrets",
+        "Duplicate value",
+    ),
+    InvalidCase(
+        "env-api-key",
+        with_changes(MINIMAL, "spec.env", [{"name": "LLM_API_KEY", "value": "sk-plain"}]),
+        "spec.env[0].name",
+        "LLM_API_KEY is set by the operator; use spec.apiKeySecretRef",
+    ),
+    InvalidCase(
+        "env-api-key-beside-its-secret-ref",  # two LLM_API_KEY entries in the pod: server-side apply fails
+        with_changes(
+            with_changes(MINIMAL, "spec.apiKeySecretRef", {"name": "keys"}),
+            "spec.env",
+            [
+                {"name": "A", "value": "1"},
+                {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "other", "key": "k"}}},
+            ],
+        ),
+        "spec.env[1].name",
+        "LLM_API_KEY is set by the operator; use spec.apiKeySecretRef",
+    ),
+    InvalidCase(
+        "env-api-key-lowercase",  # the server's settings read LLM_* whatever the case
+        with_changes(MINIMAL, "spec.env", [{"name": "llm_api_key", "value": "sk-plain"}]),
+        "spec.env[0].name",
+        "LLM_API_KEY is set by the operator",
+    ),
+    *(
+        InvalidCase(
+            f"env-{name}",
+            with_changes(MINIMAL, "spec.env", [{"name": name, "value": "1"}]),
+            "spec.env[0].name",
+            f"{name} is set by the operator through its ConfigMap",
+        )
+        for name in CONFIG_MAP_ENV
+    ),
+    InvalidCase(
+        "env-config-map-lowercase",
+        with_changes(MINIMAL, "spec.env", [{"name": "llm_Port", "value": "9000"}]),
+        "spec.env[0].name",
+        "llm_Port is set by the operator through its ConfigMap",
+    ),
+    InvalidCase(
+        "env-name-long",
+        with_changes(MINIMAL, "spec.env", [{"name": "A" * 257, "value": "1"}]),
+        "spec.env[0].name",
+        "is too long",
     ),
 ]
 
 
-@pytest.mark.parametrize("manifest", VALID)
+@pytest.mark.parametrize("manifest", [pytest.param(case.manifest, id=case.name) for case in VALID_CASES])
 def test_crd_and_operator_accept(crd: dict, manifest: dict) -> None:
     assert crd_violations(crd, manifest) == []
     parse_manifest(manifest)
@@ -313,14 +419,55 @@ def test_readme_example_is_valid(crd: dict, example: dict) -> None:
     assert parse_manifest(example).spec.autoscaling is not None
 
 
-@pytest.mark.parametrize(("manifest", "crd_message", "field"), INVALID)
-def test_crd_and_operator_both_reject(crd: dict, manifest: dict, crd_message: str, field: str) -> None:
+@pytest.mark.parametrize(
+    ("manifest", "field", "crd_message"),
+    [pytest.param(case.manifest, case.field, case.crd_message, id=case.name) for case in INVALID_CASES],
+)
+def test_crd_and_operator_both_reject(crd: dict, manifest: dict, field: str, crd_message: str) -> None:
     problems = crd_violations(crd, manifest)
     assert problems, "the API server would accept this"
     assert crd_message in " ".join(problems)
     with pytest.raises(InvalidSpec) as rejected:
         parse_manifest(manifest)
     assert str(rejected.value).startswith(f"{field}:"), "the operator names the field"
+
+
+def test_invalid_case_names_are_unique() -> None:
+    names = [case.name for case in INVALID_CASES + VALID_CASES]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("name", [API_KEY_ENV, *CONFIG_MAP_ENV])
+def test_crd_and_operator_refuse_an_operator_env_name_in_the_same_words(crd: dict, name: str) -> None:
+    manifest = with_changes(MINIMAL, "spec.env", [{"name": "OK", "value": "1"}, {"name": name, "value": "1"}])
+    (problem,) = crd_violations(crd, manifest)
+    with pytest.raises(InvalidSpec) as rejected:
+        parse_manifest(manifest)
+    assert problem == f"self.{rejected.value}"
+
+
+def test_the_crd_refuses_exactly_the_operators_config_map_env_names(crd: dict) -> None:
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    _, config_map_rule = spec["properties"]["env"]["items"]["properties"]["name"]["x-kubernetes-validations"]
+    (alternatives,) = re.findall(r"\^\((.*)\)\$", config_map_rule["rule"])
+    assert alternatives.split("|") == list(CONFIG_MAP_ENV)
+
+
+def test_the_crd_is_kept_by_helm_argo_cd_and_flux() -> None:
+    """Deleting the CRD deletes every LLMService; Argo CD prunes despite Helm's keep (argo-cd#17819)."""
+    kept = {
+        "helm.sh/resource-policy": "keep",
+        "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+        "kustomize.toolkit.fluxcd.io/prune": "disabled",
+    }
+    source = yaml.safe_load((ROOT / "crds" / "serving.llmservice.io_llmservices.yaml").read_text())
+    (rendered,) = [
+        crd
+        for crd in of_kind(render(OPERATOR_CHART, {}), "CustomResourceDefinition")
+        if crd["metadata"]["name"] == source["metadata"]["name"]
+    ]
+    for crd in (source, rendered):
+        assert kept.items() <= crd["metadata"].get("annotations", {}).items()
 
 
 def test_crd_defaults_match_the_operator_defaults(crd: dict) -> None:

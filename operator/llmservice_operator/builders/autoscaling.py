@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from llmservice_operator.builders.common import metadata, selector_labels
+from llmservice_operator.builders.common import may_run_several, metadata, selector_labels
 from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import LLMService
 
@@ -48,9 +48,7 @@ def build_hpa(svc: LLMService, settings: OperatorSettings) -> dict[str, Any]:
 
 def wants_pdb(svc: LLMService) -> bool:
     """A PDB only helps where more than one replica can run; with one it would just block drains."""
-    if svc.spec.autoscaling is not None:
-        return svc.spec.autoscaling.max_replicas > 1
-    return svc.spec.replicas > 1
+    return may_run_several(svc)
 
 
 def build_pdb(svc: LLMService) -> dict[str, Any]:
@@ -61,5 +59,8 @@ def build_pdb(svc: LLMService) -> dict[str, Any]:
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(svc)},
+            # A pod that is not Ready (crash-looping, or stuck loading) serves nothing: evicting it costs no
+            # capacity, and counting it against the budget would block node drains for as long as it fails.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }

@@ -5,6 +5,8 @@ from typing import Any
 from llmservice_operator.builders.common import labels, metadata, selector_labels
 from llmservice_operator.builders.config import config_hash
 from llmservice_operator.builders.placement import Download, downloads, pvc_claims
+from llmservice_operator.builders.resources import downloader_resources, server_resources
+from llmservice_operator.builders.spread import topology_spread
 from llmservice_operator.constants import (
     ANNOTATION_CONFIG_HASH,
     CACHE_MOUNT,
@@ -38,27 +40,21 @@ def _dump(models: list[Any]) -> list[dict[str, Any]]:
     return [model.model_dump(by_alias=True, exclude_none=True) for model in models]
 
 
-def _quantities(values: dict[str, int | str]) -> dict[str, str]:
-    return {name: str(value) for name, value in values.items()}
-
-
-def _resources(svc: LLMService) -> dict[str, Any]:
-    limits = _quantities(svc.spec.resources.limits)
-    if svc.spec.gpus > 0:
-        limits[GPU_RESOURCE] = str(svc.spec.gpus)
-    resources: dict[str, Any] = {}
-    if svc.spec.resources.requests:
-        resources["requests"] = _quantities(svc.spec.resources.requests)
-    if limits:
-        resources["limits"] = limits
-    return resources
-
-
 def _tolerations(svc: LLMService) -> list[dict[str, Any]]:
     tolerations = _dump(svc.spec.tolerations)
     if svc.spec.gpus > 0:
         tolerations.insert(0, {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     return tolerations
+
+
+def _pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    context: dict[str, Any] = {"runAsNonRoot": True}
+    # OpenShift's restricted-v2 SCC assigns UID, GID and fsGroup from the namespace's range and refuses a
+    # pod that fixes them outside it; runAsNonRoot alone is admitted there.
+    if settings.platform != "openshift":
+        context.update(runAsUser=UID, runAsGroup=UID, fsGroup=UID)
+    context["seccompProfile"] = {"type": "RuntimeDefault"}
+    return context
 
 
 def _volumes(svc: LLMService) -> list[dict[str, Any]]:
@@ -110,6 +106,7 @@ def _init_container(svc: LLMService, image: str, fetch: Download) -> dict[str, A
             {"name": "cache", "mountPath": CACHE_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
+        "resources": downloader_resources(svc),
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -147,33 +144,27 @@ def _server_container(svc: LLMService, image: str, config_map: dict[str, Any]) -
             {"name": "tmp", "mountPath": "/tmp"},
             *_weight_mounts(svc),
         ],
+        "resources": server_resources(svc),
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         # The server writes why it failed (e.g. an adapter that did not load) to /dev/termination-log.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if env:
         container["env"] = env
-    resources = _resources(svc)
-    if resources:
-        container["resources"] = resources
     if svc.spec.image_pull_policy:
         container["imagePullPolicy"] = svc.spec.image_pull_policy
     return container
 
 
-def _pod_spec(svc: LLMService, image: str, config_map: dict[str, Any]) -> dict[str, Any]:
+def _pod_spec(
+    svc: LLMService, settings: OperatorSettings, image: str, config_map: dict[str, Any]
+) -> dict[str, Any]:
     spec = svc.spec
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security_context(settings),
         "containers": [_server_container(svc, image, config_map)],
         "volumes": _volumes(svc),
     }
@@ -187,6 +178,9 @@ def _pod_spec(svc: LLMService, image: str, config_map: dict[str, Any]) -> dict[s
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.affinity:
         pod["affinity"] = spec.affinity
+    spread = topology_spread(svc)
+    if spread:
+        pod["topologySpreadConstraints"] = spread
     if spec.runtime_class_name:
         pod["runtimeClassName"] = spec.runtime_class_name
     if spec.image_pull_secrets:
@@ -215,7 +209,7 @@ def build_deployment(
                     ANNOTATION_CONFIG_HASH: config_hash(config_map),
                 },
             },
-            "spec": _pod_spec(svc, image, config_map),
+            "spec": _pod_spec(svc, settings, image, config_map),
         },
     }
     # With an HPA the autoscaler owns spec.replicas; writing it here would fight it.

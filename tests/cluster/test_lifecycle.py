@@ -1,0 +1,185 @@
+"""An LLMService's life on a real control plane: the real controllers, scheduler and garbage collector
+act on what the operator writes, kwok plays the kubelets, and every check reads the real API server."""
+
+import re
+import time
+
+from tests.cluster.conftest import Kube, llmservice
+from tests.operator.harness import eventually
+
+CHILD_KINDS = ("configmap", "deployment", "service", "hpa", "pdb", "networkpolicy")
+
+
+def owned_by(body: dict, owner: dict) -> bool:
+    refs = body["metadata"].get("ownerReferences") or []
+    return any(ref["uid"] == owner["metadata"]["uid"] and ref.get("controller") for ref in refs)
+
+
+def running_pods(kube: Kube, name: str) -> list[dict]:
+    pods = kube.items("pods", "-l", f"app.kubernetes.io/instance={name}")
+    return [
+        pod
+        for pod in pods
+        if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
+    ]
+
+
+def printed_columns(table: str) -> dict[str, str]:
+    """kubectl's table by its header's column positions (an empty cell, e.g. ADAPTERS, is blank)."""
+    header, row = table.splitlines()
+    cells = list(re.finditer(r"\S+", header))
+    ends = [cell.start() for cell in cells[1:]] + [None]
+    return {cell.group(): row[cell.start() : end].strip() for cell, end in zip(cells, ends, strict=True)}
+
+
+def test_create_runs_pods_and_reports_ready(kube: Kube) -> None:
+    kube.apply(
+        llmservice(
+            "bot",
+            gpus=1,
+            autoscaling={"minReplicas": 1, "maxReplicas": 3},
+            networkPolicy={"enabled": True, "ingressFrom": [{"podSelector": {}}]},
+        )
+    )
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+    owner = kube.get("llms", "bot")
+    assert owner is not None
+    for kind in CHILD_KINDS:
+        child = kube.get(kind, "bot-config" if kind == "configmap" else "bot")
+        assert child is not None, kind
+        assert owned_by(child, owner), kind
+    (replica_set,) = kube.items("replicasets", "-l", "app.kubernetes.io/instance=bot")
+    assert replica_set["status"]["readyReplicas"] == 1
+    (pod,) = running_pods(kube, "bot")
+    assert pod["spec"]["nodeName"] in {"gpu-0", "gpu-1"}  # the GPU request and the taint's toleration
+
+    columns = printed_columns(kube.run("get", "llms", "bot"))
+    assert columns["MODEL"] == "hf://acme/llama"
+    assert (columns["GPUS"], columns["READY-REPLICAS"], columns["DESIRED"], columns["READY"]) == (
+        "1",
+        "1",
+        "1",
+        "True",
+    )
+    assert columns["URL"] == f"http://bot.{kube.namespace}.svc.cluster.local"
+
+
+def test_kubectl_scale_gives_three_pods(kube: Kube) -> None:
+    kube.apply(llmservice("bot", gpus=1))
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+    kube.run("scale", "llms/bot", "--replicas=3")
+    eventually(lambda: len(running_pods(kube, "bot")) == 3, timeout=60)
+    kube.run("wait", "llms/bot", "--for=jsonpath={.status.readyReplicas}=3", "--timeout=60s")
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+
+
+def test_more_gpus_than_any_node_has_is_unschedulable_and_transient(kube: Kube) -> None:
+    kube.apply(llmservice("big", gpus=4))
+    ready = eventually(
+        lambda: (
+            kube.condition("big", "Ready").get("reason") == "Unschedulable" and kube.condition("big", "Ready")
+        ),
+        timeout=60,
+    )
+    assert ready["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in ready["message"]  # the scheduler's own words
+    assert kube.condition("big", "Reconciling")["status"] == "True"
+    assert kube.condition("big", "Stalled")["status"] == "False"
+
+
+def test_an_image_that_does_not_pull_is_reported(kube: Kube) -> None:
+    kube.apply(llmservice("pull", gpus=1, image="pull-fails.invalid/llm-server:0.1.0"))
+    ready = eventually(
+        lambda: (
+            kube.condition("pull", "Ready").get("reason") == "ImagePullBackOff"
+            and kube.condition("pull", "Ready")
+        ),
+        timeout=60,
+    )
+    assert "pull-fails.invalid/llm-server:0.1.0" in ready["message"]
+    assert kube.condition("pull", "Stalled")["status"] == "False"
+
+
+def test_a_crash_loop_is_reported_with_its_exit(kube: Kube) -> None:
+    kube.apply(llmservice("crash", gpus=1, image="crash-loops.invalid/llm-server:0.1.0"))
+    ready = eventually(
+        lambda: (
+            kube.condition("crash", "Ready").get("reason") == "CrashLoopBackOff"
+            and kube.condition("crash", "Ready")
+        ),
+        timeout=60,
+    )
+    assert "exit code 1" in ready["message"]
+    assert "model failed to load" in ready["message"]
+
+
+def test_hand_edits_and_deletions_of_children_are_repaired(kube: Kube) -> None:
+    kube.apply(llmservice("bot", gpus=1))
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+    deployment = kube.get("deployment", "bot")
+    assert deployment is not None
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    kube.run("delete", "service", "bot")
+    eventually(lambda: kube.get("service", "bot") is not None, timeout=30)
+    kube.run("set", "image", "deployment/bot", "server=hand-edited.invalid/x:1")
+    eventually(
+        lambda: kube.get("deployment", "bot")["spec"]["template"]["spec"]["containers"][0]["image"] == image,
+        timeout=30,
+    )
+    kube.run("patch", "configmap", "bot-config", "--type=merge", "-p", '{"data": {"LLM_PORT": "9999"}}')
+    eventually(lambda: kube.get("configmap", "bot-config")["data"]["LLM_PORT"] == "8000", timeout=30)
+
+
+def operator_writes(kube: Kube) -> dict[str, object]:
+    """What the operator has written: the LLMServices whole (nobody else writes them), the operator's
+    managed-fields entries of each child (controllers keep writing HPA and Deployment status), and
+    the events in the namespace."""
+    writes: dict[str, object] = {}
+    for item in kube.items("llms"):
+        writes[f"llms/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    for kind in CHILD_KINDS:
+        for item in kube.items(kind, "--show-managed-fields"):
+            entries = item["metadata"].get("managedFields") or []
+            ours = [e for e in entries if e["manager"].startswith("llmservice-operator")]
+            writes[f"{kind}/{item['metadata']['name']}"] = ours
+    writes["events"] = sorted(
+        event["metadata"]["name"]
+        for event in kube.items("events")
+        if event["involvedObject"]["kind"] == "LLMService"
+    )
+    return writes
+
+
+def test_an_operator_restart_writes_nothing(kube: Kube) -> None:
+    kube.apply(llmservice("bot", gpus=1, autoscaling={"maxReplicas": 2}))
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+    time.sleep(2)  # let the last status write and its echo settle
+    before = operator_writes(kube)
+    kube.cluster.stop_process("operator")
+    kube.cluster.start_operator()
+    time.sleep(5)  # kopf has listed, resumed every LLMService and handled the replayed child events
+    assert operator_writes(kube) == before
+
+
+def test_deleting_the_llmservice_garbage_collects_its_children(kube: Kube) -> None:
+    kube.apply(llmservice("bot", gpus=1, autoscaling={"maxReplicas": 2}))
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+    kube.run("delete", "llms/bot", "--wait=true", "--timeout=30s")
+    for kind in (*CHILD_KINDS, "pods"):
+        eventually(
+            lambda kind=kind: kube.items(kind, "-l", "app.kubernetes.io/instance=bot") == [], timeout=60
+        )
+
+
+def test_an_orphaning_delete_leaves_the_children_unowned(kube: Kube) -> None:
+    kube.apply(llmservice("bot", gpus=1))
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")
+    kube.run("delete", "llms/bot", "--cascade=orphan", "--wait=true", "--timeout=30s")
+    eventually(lambda: kube.get("llms", "bot") is None, timeout=30)
+    time.sleep(5)  # time for a wrongly restored owner reference, and for the collector to act on it
+    for kind in ("configmap", "deployment", "service"):
+        child = kube.get(kind, "bot-config" if kind == "configmap" else "bot")
+        assert child is not None, kind
+        assert not child["metadata"].get("ownerReferences"), kind
+    assert len(running_pods(kube, "bot")) == 1
