@@ -329,6 +329,20 @@ class Cluster:
     def operator_identity(self) -> str:
         return f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}"
 
+    def operator_requests(self) -> list[dict]:
+        """The API server's audit events for the operator's requests so far, oldest first, one per
+        request: a watch as it starts (it completes only when it ends), anything else as it completes."""
+        path = self.layout.audit_log
+        if not path.exists():
+            return []
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [
+            event
+            for event in events
+            if event.get("stage")
+            == ("ResponseStarted" if event.get("verb") == "watch" else "ResponseComplete")
+        ]
+
     def operator_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self._state()['operator']['metrics_port']}/metrics"
 

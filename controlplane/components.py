@@ -40,6 +40,11 @@ class Layout:
         return self.root / "operator.kubeconfig"
 
     @property
+    def audit_log(self) -> Path:
+        """One JSON line per request the operator's ServiceAccount makes (see kube_apiserver)."""
+        return self.root / "logs" / "audit-operator.jsonl"
+
+    @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.apiserver_port}"
 
@@ -79,6 +84,11 @@ def kube_apiserver(layout: Layout) -> list[str]:
         # RBAC enforced for everyone but system:masters; admission plugins are the release's defaults.
         "--authorization-mode=RBAC",
         "--allow-privileged=true",
+        # The API server's own record of the operator's requests: what tests and make bench-operator count.
+        f"--audit-policy-file={Path(__file__).resolve().parent / 'audit-policy.yaml'}",
+        f"--audit-log-path={layout.audit_log}",
+        "--audit-log-format=json",
+        "--audit-log-mode=blocking",
         "--profiling=false",
         "--v=1",
     ]
