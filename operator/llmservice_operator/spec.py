@@ -300,7 +300,8 @@ class LLMServiceSpec(_Model):
     model: ModelSpec
     adapters: Annotated[list[AdapterSpec], Field(max_length=16)] = Field(default_factory=list)
     gpus: Annotated[int, Field(ge=0, le=8)] = 1
-    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    # None: the operator leaves the Deployment's count as it is (1 when it creates it); see handover.py.
+    replicas: Annotated[int | None, Field(ge=0, le=1000)] = None
     autoscaling: AutoscalingSpec | None = None
     image: Annotated[str | None, Field(max_length=512)] = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None

@@ -37,7 +37,9 @@ class Kube:
         return self.run("apply", "-f", "-", stdin=json.dumps(manifest))
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        result = self.cluster.kubectl("-n", self.namespace, "get", kind, name, "-o", "json", check=False)
+        result = self.cluster.kubectl(
+            "-n", self.namespace, "get", kind, name, "-o", "json", "--show-managed-fields", check=False
+        )
         if result.returncode != 0:
             if "NotFound" in result.stderr:
                 return None

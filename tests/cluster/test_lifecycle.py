@@ -183,3 +183,63 @@ def test_an_orphaning_delete_leaves_the_children_unowned(kube: Kube) -> None:
         assert child is not None, kind
         assert not child["metadata"].get("ownerReferences"), kind
     assert len(running_pods(kube, "bot")) == 1
+
+
+def replicas_owners(deployment: dict) -> set[tuple[str, str]]:
+    """(manager, operation) of every managed-fields entry that owns spec.replicas."""
+    return {
+        (entry["manager"], entry["operation"])
+        for entry in deployment["metadata"].get("managedFields") or []
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+    }
+
+
+def watch_replicas(kube: Kube, name: str, seconds: float) -> list[int]:
+    """spec.replicas of the Deployment, sampled for `seconds`."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        deployment = kube.get("deployment", name)
+        assert deployment is not None
+        seen.append(deployment["spec"]["replicas"])
+    return seen
+
+
+def test_autoscaling_on_without_a_dip_and_off_keeping_the_live_count(kube: Kube) -> None:
+    kube.apply(llmservice("bot", gpus=1, replicas=2))
+    kube.run("wait", "llms/bot", "--for=jsonpath={.status.readyReplicas}=2", "--timeout=60s")
+    before = kube.get("deployment", "bot")
+    assert before is not None and ("llmservice-operator", "Apply") in replicas_owners(before)
+
+    # On: the HPA takes spec.replicas over; the operator's apply lets go of it without it falling to 1.
+    kube.run(
+        "patch",
+        "llms/bot",
+        "--type=merge",
+        "-p",
+        '{"spec": {"replicas": null, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}}',
+    )
+    eventually(lambda: kube.get("hpa", "bot") is not None, timeout=30)
+    assert min(watch_replicas(kube, "bot", 4)) == 2  # the HPA keeps 2 (within its bounds); no dip
+    after = kube.get("deployment", "bot")
+    assert after is not None
+    assert ("llmservice-operator", "Apply") not in replicas_owners(after)
+    assert ("llmservice-operator-handover", "Apply") in replicas_owners(after)
+
+    # The HPA raises the floor to 3; then autoscaling goes away with spec.replicas unset: 3 stay.
+    kube.run(
+        "patch",
+        "llms/bot",
+        "--type=merge",
+        "-p",
+        '{"spec": {"autoscaling": {"minReplicas": 3, "maxReplicas": 4}}}',
+    )
+    eventually(lambda: kube.get("deployment", "bot")["spec"]["replicas"] == 3, timeout=60)
+    kube.run("patch", "llms/bot", "--type=merge", "-p", '{"spec": {"autoscaling": null}}')
+    eventually(lambda: kube.get("hpa", "bot") is None, timeout=30)
+    assert set(watch_replicas(kube, "bot", 4)) == {3}
+    kube.run("wait", "llms/bot", "--for=jsonpath={.status.readyReplicas}=3", "--timeout=60s")
+
+    # kubectl scale still works afterwards, and the operator owns the count again.
+    kube.run("scale", "llms/bot", "--replicas=1")
+    eventually(lambda: kube.get("deployment", "bot")["spec"]["replicas"] == 1, timeout=30)

@@ -106,6 +106,10 @@ class TestDeployment:
         assert deployment(replicas=3)["spec"]["replicas"] == 3
         assert "replicas" not in deployment(replicas=3, autoscaling={"maxReplicas": 4})["spec"]
 
+    def test_unset_replicas_leave_the_live_count_alone(self) -> None:
+        # Turning autoscaling off then keeps the HPA's last count instead of falling to a default 1.
+        assert "replicas" not in deployment()["spec"]
+
     def test_selector_is_the_immutable_subset(self) -> None:
         spec = deployment()["spec"]
         assert spec["selector"] == {"matchLabels": SELECTOR}

@@ -212,8 +212,9 @@ def build_deployment(
             "spec": _pod_spec(svc, settings, image, config_map),
         },
     }
-    # With an HPA the autoscaler owns spec.replicas; writing it here would fight it.
-    if svc.spec.autoscaling is None:
+    # With an HPA the autoscaler owns spec.replicas; writing it here would fight it. Without one and
+    # without spec.replicas, the count that runs stays (the Deployment's default 1 when it is created).
+    if svc.spec.autoscaling is None and svc.spec.replicas is not None:
         deployment_spec = {"replicas": svc.spec.replicas, **deployment_spec}
     return {
         "apiVersion": "apps/v1",
