@@ -43,6 +43,8 @@ class Observation:
     pods: list[dict[str, Any]] = field(default_factory=list)
     spec_error: str | None = None
     apply_error: str | None = None
+    # Objects with a child's name that the operator did not create (it never takes them over).
+    conflict: str | None = None
 
 
 def _clip(message: str) -> str:
@@ -183,6 +185,18 @@ def judge(observation: Observation) -> Verdict:
             False,
             problem.reason,
             "the spec cannot be served; fix it and the operator retries",
+            problem,
+        )
+    if observation.conflict is not None:
+        # Only a person can settle who owns the name: stalled until the object goes or is renamed.
+        problem = Problem("NameConflict", observation.conflict)
+        return Verdict(
+            False,
+            problem.reason,
+            problem.message,
+            False,
+            problem.reason,
+            "waiting for the conflicting objects to be removed",
             problem,
         )
     if observation.apply_error is not None:

@@ -124,6 +124,18 @@ class ChildWriter:
 
         return await self._retrying(names)
 
+    async def get(self, api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        """The object as the API server has it now, or None."""
+        try:
+            found = await self._retrying(
+                lambda: self._client.get(RESOURCES[(api_version, kind)], name, namespace=namespace)
+            )
+        except ApiError as error:
+            if error.status.code == 404:
+                return None
+            raise
+        return found.to_dict()
+
     async def owner_alive(self, namespace: str, name: str, uid: str) -> bool:
         """Whether the LLMService still exists (as the same object) before a child is recreated for it."""
         try:

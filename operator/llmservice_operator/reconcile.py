@@ -77,6 +77,18 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def controlled_by(body: Mapping[str, Any], uid: str | None) -> bool:
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def conflict_message(conflicts: list[str]) -> str:
+    return (
+        f"{', '.join(conflicts)} already exist and were not created for this LLMService; the operator "
+        "does not take them over: delete or rename them, or rename the LLMService"
+    )
+
+
 def _api_message(error: ApiError) -> str:
     return error.status.message or f"HTTP {error.status.code}"
 
@@ -161,8 +173,11 @@ class Reconciler:
         svc = LLMService(
             name=name, namespace=namespace, spec=spec, uid=meta.get("uid"), generation=generation
         )
+        conflicts: list[str] = []
         try:
-            applied = await self._apply_children(body, svc, view, writer, confirm_owner=trigger != "change")
+            applied = await self._apply_children(
+                body, svc, view, writer, confirm_owner=trigger != "change", conflicts=conflicts
+            )
             if applied is None:
                 return
         except ApiError as error:
@@ -177,7 +192,15 @@ class Reconciler:
         # The Deployment as this pass's apply left it, when it did: the watched copy is the old
         # generation's, fully rolled out, and would report an edit Ready before its rollout starts.
         deployment = applied.get("Deployment") or view.child("Deployment", name)
-        await self._write_status(body, writer, Observation(generation, deployment, view.pods()))
+        conflict = conflict_message(conflicts) if conflicts else None
+        await self._write_status(
+            body, writer, Observation(generation, deployment, view.pods(), conflict=conflict)
+        )
+        if conflict is not None:
+            # The conflicting objects lack the operator's labels, so their removal sends no event
+            # here: look again later.
+            self._metrics.errors.labels("NameConflict").inc()
+            raise kopf.TemporaryError(conflict, delay=RETRY_DELAY_SECONDS)
 
     async def _apply_children(
         self,
@@ -186,23 +209,36 @@ class Reconciler:
         view: ClusterView,
         writer: ChildWriter,
         confirm_owner: bool,
+        conflicts: list[str],
     ) -> dict[str, dict[str, Any]] | None:
         """What the API server returned for each kind applied; None when the owner turned out to be gone
-        (nothing was written)."""
+        (nothing was written). When another object holds a child's name, nothing is written and the
+        names go into `conflicts`: the Deployment would otherwise run with someone else's ConfigMap."""
         children = build_children(svc, self._settings)
-        applied: dict[str, dict[str, Any]] = {}
+        pending = []
         for manifest in children.desired:
             desired = with_applied_hash(manifest)
+            live = view.child(desired["kind"], desired["metadata"]["name"])
+            if needs_apply(desired, live):
+                pending.append((desired, live))
+        creating = [desired for desired, live in pending if live is None]
+        if creating and confirm_owner:
+            # A child's deletion may be the garbage collector following its owner's deletion, seen
+            # before the owner's own DELETED event: ask the API server before recreating anything.
+            if not await writer.owner_alive(svc.namespace, svc.name, svc.uid or ""):
+                return None
+        for desired in creating:
+            # The indexes hold only objects with the operator's labels: ask whether the name is free
+            # before an apply (force=True) takes over someone else's object.
             kind, child_name = desired["kind"], desired["metadata"]["name"]
-            live = view.child(kind, child_name)
-            if not needs_apply(desired, live):
-                continue
-            if live is None and confirm_owner:
-                # A child's deletion may be the garbage collector following its owner's deletion, seen
-                # before the owner's own DELETED event: ask the API server before recreating anything.
-                if not await writer.owner_alive(svc.namespace, svc.name, svc.uid or ""):
-                    return None
-                confirm_owner = False
+            existing = await writer.get(desired["apiVersion"], kind, child_name, svc.namespace)
+            if existing is not None and not controlled_by(existing, svc.uid):
+                conflicts.append(f"{kind} {child_name}")
+        if conflicts:
+            return {}
+        applied: dict[str, dict[str, Any]] = {}
+        for desired, live in pending:
+            kind, child_name = desired["kind"], desired["metadata"]["name"]
             handed_over = replicas_to_hand_over(desired, live) if kind == "Deployment" else None
             if handed_over is not None:  # autoscaling turned on: see handover.py
                 await writer.apply(handover_manifest(desired, handed_over), HANDOVER_FIELD_MANAGER)

@@ -243,3 +243,23 @@ def test_autoscaling_on_without_a_dip_and_off_keeping_the_live_count(kube: Kube)
     # kubectl scale still works afterwards, and the operator owns the count again.
     kube.run("scale", "llms/bot", "--replicas=1")
     eventually(lambda: kube.get("deployment", "bot")["spec"]["replicas"] == 1, timeout=30)
+
+
+def test_an_object_the_operator_did_not_create_is_not_taken_over(kube: Kube) -> None:
+    kube.run("create", "configmap", "bot-config", "--from-literal=owner=someone-else")
+    kube.apply(llmservice("bot", gpus=1))
+    ready = eventually(
+        lambda: (
+            kube.condition("bot", "Ready").get("reason") == "NameConflict" and kube.condition("bot", "Ready")
+        ),
+        timeout=30,
+    )
+    assert "ConfigMap bot-config" in ready["message"]
+    assert kube.condition("bot", "Stalled")["status"] == "True"
+    foreign = kube.get("configmap", "bot-config")
+    assert foreign is not None
+    assert foreign["data"] == {"owner": "someone-else"} and not foreign["metadata"].get("ownerReferences")
+    assert kube.get("deployment", "bot") is None  # nothing half-applied around the conflict
+
+    kube.run("delete", "configmap", "bot-config")
+    kube.run("wait", "llms/bot", "--for=condition=Ready", "--timeout=60s")

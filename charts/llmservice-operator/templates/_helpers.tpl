@@ -64,22 +64,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["llmservices/finalizers"]
   verbs: ["update"]
 # Children: server-side apply (patch) updates, and the API server authorizes an apply that creates the
-# object as `create` as well; HPA, PDB and NetworkPolicy are deleted when the spec drops them.
+# object as `create` as well; get checks a name is free before a child is created (never taking over an
+# object the operator did not create); HPA, PDB and NetworkPolicy are deleted when the spec drops them.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Pods: read-only, for status (Unschedulable, ImagePullBackOff, CrashLoopBackOff, termination messages).
 - apiGroups: [""]
   resources: ["pods"]
