@@ -214,7 +214,11 @@ class TestDeployment:
         container = server(image="mine:2", imagePullPolicy="Always", args=["--log-requests"])
         assert (container["image"], container["imagePullPolicy"]) == ("mine:2", "Always")
         assert container["args"] == ["serve", "--log-requests"]
-        assert container["envFrom"][0] == {"configMapRef": {"name": "bot-config"}}
+        assert container["envFrom"] == [{"configMapRef": {"name": "bot-config"}}]
+
+    def test_the_operators_config_map_wins_over_the_users_env_from(self) -> None:
+        container = server(envFrom=[{"secretRef": {"name": "extra"}}])
+        assert container["envFrom"][-1] == {"configMapRef": {"name": "bot-config"}}
 
     def test_init_containers_fetch_hub_sources_only(self) -> None:
         init = pod_spec(

@@ -133,7 +133,9 @@ def _server_container(svc: LLMService, image: str, config_map: dict[str, Any]) -
         "name": "server",
         "image": image,
         "args": ["serve", *svc.spec.args],
-        "envFrom": [{"configMapRef": {"name": config_map["metadata"]["name"]}}, *_dump(svc.spec.env_from)],
+        # The operator's ConfigMap last: of several envFrom sources the last wins, and a user's Secret
+        # or ConfigMap must not quietly override what the spec says (the CRD refuses those names in env).
+        "envFrom": [*_dump(svc.spec.env_from), {"configMapRef": {"name": config_map["metadata"]["name"]}}],
         "ports": [{"name": SERVER_PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "startupProbe": _http_probe(HEALTH_READY_PATH, STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD, 5),
         "readinessProbe": _http_probe(HEALTH_READY_PATH, 5, 3, 3),
