@@ -31,5 +31,5 @@ def test_the_only_env_entry_the_operator_sets_is_the_api_key() -> None:
 
 def test_the_config_map_sets_exactly_the_reserved_names() -> None:
     server, config_map = _server_and_config_map()
-    assert server["envFrom"][0] == {"configMapRef": {"name": config_map["metadata"]["name"]}}
+    assert server["envFrom"][-1] == {"configMapRef": {"name": config_map["metadata"]["name"]}}
     assert sorted(config_map["data"]) == sorted(CONFIG_MAP_ENV)
