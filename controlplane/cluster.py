@@ -104,11 +104,11 @@ class Cluster:
             "PATH": f"{layout.bin}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
-    def kubectl(
-        self, *args: str, check: bool = True, stdin: str | None = None
+    def _tool(
+        self, tool: str, args: tuple[str, ...], check: bool, stdin: str | None
     ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(self.layout.bin / "kubectl"), *args],
+            [str(self.layout.bin / tool), *args],
             env=self.env(),
             input=stdin,
             capture_output=True,
@@ -116,14 +116,13 @@ class Cluster:
             check=check,
         )
 
+    def kubectl(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess:
+        return self._tool("kubectl", args, check, stdin)
+
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(self.layout.bin / "helm"), *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            check=check,
-        )
+        return self._tool("helm", args, check, None)
 
     # -- processes -------------------------------------------------------------------------------
 

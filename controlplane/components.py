@@ -94,17 +94,27 @@ def kube_apiserver(layout: Layout) -> list[str]:
     ]
 
 
-def kube_controller_manager(layout: Layout) -> list[str]:
+def _controller(layout: Layout, binary: str, port: int) -> list[str]:
+    """What the controller manager and the scheduler share: the admin's kubeconfig for the API and for
+    checking who calls their own /healthz port, no leader election (one of each)."""
     kubeconfig = str(layout.kubeconfig)
     return [
-        str(layout.bin / "kube-controller-manager"),
+        str(layout.bin / binary),
         f"--kubeconfig={kubeconfig}",
         f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}",
         "--bind-address=127.0.0.1",
-        f"--secure-port={layout.controller_manager_port}",
-        f"--cert-dir={layout.root / 'controller-manager-certs'}",
+        f"--secure-port={port}",
+        f"--cert-dir={layout.root / (binary + '-certs')}",
         "--leader-elect=false",
+        "--profiling=false",
+        "--v=1",
+    ]
+
+
+def kube_controller_manager(layout: Layout) -> list[str]:
+    return [
+        *_controller(layout, "kube-controller-manager", layout.controller_manager_port),
         # The release's default controllers (garbage collector, Deployment, ReplicaSet, HPA, Job, ...);
         # nodes and routes belong to kwok here.
         "--controllers=*,-nodeipam,-route,-cloud-node-lifecycle,-service-lb-controller",
@@ -113,25 +123,11 @@ def kube_controller_manager(layout: Layout) -> list[str]:
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         f"--cluster-cidr={POD_CIDR}",
         "--horizontal-pod-autoscaler-sync-period=5s",
-        "--profiling=false",
-        "--v=1",
     ]
 
 
 def kube_scheduler(layout: Layout) -> list[str]:
-    kubeconfig = str(layout.kubeconfig)
-    return [
-        str(layout.bin / "kube-scheduler"),
-        f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}",
-        f"--authorization-kubeconfig={kubeconfig}",
-        "--bind-address=127.0.0.1",
-        f"--secure-port={layout.scheduler_port}",
-        f"--cert-dir={layout.root / 'scheduler-certs'}",
-        "--leader-elect=false",
-        "--profiling=false",
-        "--v=1",
-    ]
+    return _controller(layout, "kube-scheduler", layout.scheduler_port)
 
 
 def kwok(layout: Layout, config: Path) -> list[str]:

@@ -262,3 +262,17 @@ def test_name_overrides_name_every_object() -> None:
     assert deployment["metadata"]["name"] == "llm-operator"
     assert deployment["metadata"]["labels"]["app.kubernetes.io/name"] == "llmops"
     assert of_kind(documents, "ServiceAccount")[0]["metadata"]["name"] == "llm-operator"
+
+
+def test_openshift_fixes_no_uid_in_any_pod() -> None:
+    """The operator's pod and `helm test`'s: restricted-v2 assigns UID, GID and fsGroup itself."""
+    documents = render(OPERATOR_CHART, VARIANTS["openshift"])
+    pods = [d["spec"]["template"]["spec"] for d in of_kind(documents, "Deployment")]
+    pods += [d["spec"] for d in of_kind(documents, "Pod")]
+    assert len(pods) == 2
+    for pod in pods:
+        contexts = [
+            pod.get("securityContext") or {},
+            *(c.get("securityContext") or {} for c in pod["containers"]),
+        ]
+        assert [key for c in contexts for key in ("runAsUser", "runAsGroup", "fsGroup") if key in c] == []

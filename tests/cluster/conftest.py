@@ -16,6 +16,7 @@ import pytest
 
 from controlplane.cluster import Cluster
 from tests.conftest import _FIGURES
+from tests.operator.harness import eventually
 
 _names = (f"t{number}" for number in itertools.count())
 
@@ -53,6 +54,12 @@ class Kube:
         body = self.get("llms", name) or {}
         conditions = (body.get("status") or {}).get("conditions") or []
         return next((c for c in conditions if c["type"] == condition_type), {})
+
+    def wait_for_reason(self, name: str, reason: str, condition_type: str = "Ready") -> dict[str, Any]:
+        """The LLMService's condition once it gives `reason`."""
+        return eventually(
+            lambda: (c := self.condition(name, condition_type)).get("reason") == reason and c, timeout=60
+        )
 
 
 @pytest.fixture(scope="session")

@@ -75,12 +75,7 @@ def test_kubectl_scale_gives_three_pods(kube: Kube) -> None:
 
 def test_more_gpus_than_any_node_has_is_unschedulable_and_transient(kube: Kube) -> None:
     kube.apply(llmservice("big", gpus=4))
-    ready = eventually(
-        lambda: (
-            kube.condition("big", "Ready").get("reason") == "Unschedulable" and kube.condition("big", "Ready")
-        ),
-        timeout=60,
-    )
+    ready = kube.wait_for_reason("big", "Unschedulable")
     assert ready["status"] == "False"
     assert "Insufficient nvidia.com/gpu" in ready["message"]  # the scheduler's own words
     assert kube.condition("big", "Reconciling")["status"] == "True"
@@ -89,26 +84,14 @@ def test_more_gpus_than_any_node_has_is_unschedulable_and_transient(kube: Kube) 
 
 def test_an_image_that_does_not_pull_is_reported(kube: Kube) -> None:
     kube.apply(llmservice("pull", gpus=1, image="pull-fails.invalid/llm-server:0.1.0"))
-    ready = eventually(
-        lambda: (
-            kube.condition("pull", "Ready").get("reason") == "ImagePullBackOff"
-            and kube.condition("pull", "Ready")
-        ),
-        timeout=60,
-    )
+    ready = kube.wait_for_reason("pull", "ImagePullBackOff")
     assert "pull-fails.invalid/llm-server:0.1.0" in ready["message"]
     assert kube.condition("pull", "Stalled")["status"] == "False"
 
 
 def test_a_crash_loop_is_reported_with_its_exit(kube: Kube) -> None:
     kube.apply(llmservice("crash", gpus=1, image="crash-loops.invalid/llm-server:0.1.0"))
-    ready = eventually(
-        lambda: (
-            kube.condition("crash", "Ready").get("reason") == "CrashLoopBackOff"
-            and kube.condition("crash", "Ready")
-        ),
-        timeout=60,
-    )
+    ready = kube.wait_for_reason("crash", "CrashLoopBackOff")
     assert "exit code 1" in ready["message"]
     assert "model failed to load" in ready["message"]
 
@@ -248,12 +231,7 @@ def test_autoscaling_on_without_a_dip_and_off_keeping_the_live_count(kube: Kube)
 def test_an_object_the_operator_did_not_create_is_not_taken_over(kube: Kube) -> None:
     kube.run("create", "configmap", "bot-config", "--from-literal=owner=someone-else")
     kube.apply(llmservice("bot", gpus=1))
-    ready = eventually(
-        lambda: (
-            kube.condition("bot", "Ready").get("reason") == "NameConflict" and kube.condition("bot", "Ready")
-        ),
-        timeout=30,
-    )
+    ready = kube.wait_for_reason("bot", "NameConflict")
     assert "ConfigMap bot-config" in ready["message"]
     assert kube.condition("bot", "Stalled")["status"] == "True"
     foreign = kube.get("configmap", "bot-config")

@@ -42,6 +42,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* kubernetes or openshift: .Values.platform, else detected. OpenShift's restricted-v2 SCC assigns UID, GID
+and fsGroup from the namespace's range and refuses pods that fix them outside it. `helm template` sees the
+security.openshift.io API group only with --api-versions. */}}
+{{- define "llmservice-operator.platform" -}}
+{{- .Values.platform | default (ternary "openshift" "kubernetes" (.Capabilities.APIVersions.Has "security.openshift.io/v1")) }}
+{{- end }}
+
 {{/* Peering name: one per release, so that two releases never share a lock. */}}
 {{- define "llmservice-operator.peering" -}}
 {{- include "llmservice-operator.fullname" . }}
