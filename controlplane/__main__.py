@@ -1,4 +1,4 @@
-"""`python -m controlplane up|down|status [--dir .cluster]`: what `make cluster-up` and `cluster-down` run."""
+"""`python -m controlplane up|down|build [--dir .cluster]`: what `make cluster-up`, `cluster-down` run."""
 
 import argparse
 import sys

@@ -11,7 +11,7 @@ export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
 k8s_version=v1.34.4
 kwok_version=v0.7.0
 helm_version=v3.19.5
-etcd_version=v3.6.16
+etcd_version=v3.6.16  # a record of the pin only: etcd compiles its version in as a constant
 
 # Without these the binaries report v0.0.0 and charts' kubeVersion checks, kubectl's skew warning and
 # discovery see a version that never existed.

@@ -135,7 +135,7 @@ def kwok(layout: Layout, config: Path) -> list[str]:
         str(layout.bin / "kwok"),
         f"--kubeconfig={layout.kubeconfig}",
         f"--config={config}",
-        # Only the nodes this cluster creates with the annotation (see nodes.py).
+        # Only the nodes this cluster creates with the annotation (kwok/nodes.yaml).
         "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
         f"--cidr={POD_CIDR.replace('0.0/16', '0.1/16')}",

@@ -33,3 +33,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 # metadata.name cap: "<name>-<10-char rs hash>-<5-char pod suffix>" must fit a 63-character hostname.
 MAX_NAME_LENGTH = 45
+
+# Lists come in pages of this many objects (the API server's `limit`), so a start-up or resync in a large
+# cluster never holds one huge response.
+LIST_CHUNK_SIZE = 500

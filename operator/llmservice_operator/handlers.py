@@ -17,6 +17,7 @@ from llmservice_operator.constants import (
     GROUP,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
+    LIST_CHUNK_SIZE,
     OPERATOR_NAME,
     PLURAL,
     VERSION,
@@ -41,9 +42,6 @@ OWNED = {LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: kopf.PRESENT}
 # The same filter, applied by the API server: kopf's `labels=` filters only what it has already received,
 # so without it the operator would list, watch and decode every pod and ConfigMap in the cluster.
 OWNED_SELECTOR = f"{LABEL_MANAGED_BY}={OPERATOR_NAME},{LABEL_INSTANCE}"
-# Initial lists come in pages of this many objects (the API server's `limit`), so a start-up in a large
-# cluster never holds one huge response.
-LIST_CHUNK_SIZE = 500
 POD_STATUS_FIELDS = ("conditions", "initContainerStatuses", "containerStatuses", "phase")
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube import ApiError, AsyncClient, KubeConfig, operators
 from lightkube.core.resource import NamespacedResource
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
@@ -27,7 +27,9 @@ from llmservice_operator.constants import (
     FIELD_MANAGER,
     GROUP,
     KIND,
+    LABEL_INSTANCE,
     LABEL_MANAGED_BY,
+    LIST_CHUNK_SIZE,
     OPERATOR_NAME,
     PLURAL,
     VERSION,
@@ -117,8 +119,12 @@ class ChildWriter:
         resource = RESOURCES[(api_version, kind)]
 
         async def names() -> set[str]:
+            # The watches' own selector and page size (handlers.py), so a resync is as cheap as they are.
             listed = self._client.list(
-                resource, namespace=namespace, labels={LABEL_MANAGED_BY: OPERATOR_NAME}
+                resource,
+                namespace=namespace,
+                labels={LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: operators.exists()},
+                chunk_size=LIST_CHUNK_SIZE,
             )
             return {item.metadata.name async for item in listed}
 

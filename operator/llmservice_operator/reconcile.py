@@ -222,11 +222,14 @@ class Reconciler:
             if needs_apply(desired, live):
                 pending.append((desired, live))
         creating = [desired for desired, live in pending if live is None]
-        if creating and confirm_owner:
-            # A child's deletion may be the garbage collector following its owner's deletion, seen
-            # before the owner's own DELETED event: ask the API server before recreating anything.
-            if not await writer.owner_alive(svc.namespace, svc.name, svc.uid or ""):
-                return None
+        # A child's deletion may be the garbage collector following its owner's deletion, seen before the
+        # owner's own DELETED event: ask the API server before recreating anything.
+        if (
+            creating
+            and confirm_owner
+            and not await writer.owner_alive(svc.namespace, svc.name, svc.uid or "")
+        ):
+            return None
         for desired in creating:
             # The indexes hold only objects with the operator's labels: ask whether the name is free
             # before an apply (force=True) takes over someone else's object.
