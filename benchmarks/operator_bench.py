@@ -1,9 +1,15 @@
-"""`make bench-operator`: 200 LLMServices against the kmock emulator, with the real operator.
+"""`make bench-operator`: 200 LLMServices against the kmock emulator, then against a real control plane.
 
-Prints: time until every child exists, API requests per LLMService (by verb), and the writes of a no-op
-resync, measured two ways: an operator restart (kopf resumes every LLMService) and an unrelated edit on
-every Deployment (each triggers a full pass). The goal for both no-op figures is 0.
+Both runs use the real operator. The emulator run counts the emulator's own record of requests; the real
+run (benchmarks/operator_bench_cluster.py) counts the API server's audit log, and adds time to Ready, the
+operator's memory and CPU, and its memory beside 10,000 unrelated objects.
+
+Prints one table: time until every child exists, the operator's API requests per LLMService (by verb),
+and the writes of a no-op resync, measured two ways: an unrelated edit on every Deployment (each triggers
+a full pass) and an operator restart (kopf resumes every LLMService). The goal for both no-op figures is 0.
 """
+
+from __future__ import annotations
 
 import argparse
 import collections
@@ -12,73 +18,90 @@ import time
 from typing import Any
 
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
 
+from benchmarks import operator_bench_cluster
+from benchmarks.operator_bench_common import (
+    NAMESPACE,
+    QUIET_SECONDS,
+    TOUCH_LABEL,
+    Run,
+    failures,
+    manifest,
+    request_key,
+    table,
+)
+from tests.operator.emulator import Call
 from tests.operator.harness import Cluster, LLMServiceResource, eventually, running_operator
 
-NAMESPACE = "bench"
+EMULATOR_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
-def manifest(index: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "serving.llmservice.io/v1alpha1",
-        "kind": "LLMService",
-        "metadata": {"name": f"svc-{index:03d}", "namespace": NAMESPACE},
-        "spec": {
-            "model": {"source": "hf://acme/llama", "revision": "main"},
-            "adapters": [{"name": "support", "source": "hf://acme/support-lora"}],
-            "gpus": 1,
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 4},
-        },
-    }
+def emulator_verb(call: Call) -> str | None:
+    """The verb the API server would log; None for the emulator's extra RBAC entry of a creating apply."""
+    if call.method == "GET":
+        return {"LIST": "list", "WATCH": "watch"}.get(call.action, "get")
+    if call.method == "PATCH" and call.action == "CREATE":
+        return None
+    return EMULATOR_VERBS[call.method]
 
 
-def calls_by_verb(cluster: Cluster) -> collections.Counter[str]:
+def requests_since(cluster: Cluster, mark: int) -> collections.Counter[str]:
+    """Every request after the `mark`-th in the emulator's log, by verb and resource (the bench's too)."""
     assert cluster.emulator is not None
     counts: collections.Counter[str] = collections.Counter()
-    for (method, resource, subresource), count in cluster.emulator.calls.items():
-        counts[f"{method} {resource}{'/' + subresource if subresource else ''}"] += count
+    for call in cluster.emulator.log[mark:]:
+        verb = emulator_verb(call)
+        if verb is not None:
+            counts[request_key(verb, call.plural, call.subresource)] += 1
     return counts
 
 
-def reconciles(operator: Any, trigger: str) -> float:
+def reconciles(operator: Any, trigger: str, result: str = "ok") -> float:
     return (
         operator.metrics_registry.get_sample_value(
-            "llmservice_operator_reconciles_total", {"trigger": trigger, "result": "ok"}
+            "llmservice_operator_reconciles_total", {"trigger": trigger, "result": result}
         )
         or 0.0
     )
 
 
-def wait_for_passes(operator: Any, trigger: str, at_least: float, settle: float = 1.0) -> None:
+def wait_for_passes(cluster: Cluster, operator: Any, trigger: str, at_least: float) -> None:
+    """Until `at_least` passes for `trigger` have run, and then nothing was written for QUIET_SECONDS
+    (what those passes caused has landed: status writes, events, kopf's own patches)."""
+    assert cluster.emulator is not None
+    emulator = cluster.emulator
     eventually(lambda: reconciles(operator, trigger) >= at_least, timeout=120, interval=0.1)
-    time.sleep(settle)  # writes caused by those passes land, and their events fire
+    last, since = emulator.writes(), time.monotonic()
+    while time.monotonic() - since < QUIET_SECONDS:
+        time.sleep(0.2)
+        if emulator.writes() != last:
+            last, since = emulator.writes(), time.monotonic()
 
 
-def diff(after: collections.Counter[str], before: collections.Counter[str]) -> dict[str, int]:
-    return {key: after[key] - before[key] for key in sorted(after) if after[key] - before[key]}
+class FailureLog(logging.Handler):
+    """kopf's error lines, as the real run reads them from the operator's log file."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
-def writes(counts: dict[str, int]) -> int:
-    return sum(count for key, count in counts.items() if key.split()[0] in {"POST", "PUT", "PATCH", "DELETE"})
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--count", type=int, default=200)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    count = args.count
-
+def run_emulator(count: int) -> Run:
     cluster = Cluster().start()
     kube = cluster.client()
+    failure_log = FailureLog()
+    logging.getLogger("kopf").addHandler(failure_log)
     try:
         with running_operator(cluster) as operator:
-            baseline = calls_by_verb(cluster)
+            assert cluster.emulator is not None
+            mark = len(cluster.emulator.log)
             started = time.perf_counter()
             for index in range(count):
-                kube.create(LLMServiceResource(manifest(index)), namespace=NAMESPACE)
+                kube.create(LLMServiceResource(manifest(index, gpus=1)), namespace=NAMESPACE)
             created = time.perf_counter() - started
 
             def all_children() -> bool:
@@ -95,52 +118,75 @@ def main() -> None:
 
             eventually(all_children, timeout=120, interval=0.05)
             converged = time.perf_counter() - started
-            wait_for_passes(operator, "change", count)
-            eventually(lambda: kube.get(PodDisruptionBudget, f"svc-{count - 1:03d}", namespace=NAMESPACE))
-            after_create = calls_by_verb(cluster)
+            wait_for_passes(cluster, operator, "change", count)
+            creation = requests_since(cluster, mark)
+            creation[request_key("create", "llmservices")] -= count  # the bench's own
 
-            # No-op resync 1: an unrelated annotation on every Deployment triggers a full pass each.
-            before_touch = calls_by_verb(cluster)
+            # No-op pass 1: a label of no one's on every Deployment triggers a full pass each.
+            mark = len(cluster.emulator.log)
             passes_before = reconciles(operator, "child")
             for index in range(count):
                 kube.patch(
                     Deployment,
                     f"svc-{index:03d}",
-                    {"metadata": {"annotations": {"bench/touch": "1"}}},
+                    {"metadata": {"labels": {TOUCH_LABEL: "1"}}},
                     namespace=NAMESPACE,
                     patch_type=PatchType.MERGE,
                 )
-            wait_for_passes(operator, "child", passes_before + count)
-            touch = diff(calls_by_verb(cluster), before_touch)
-            touch_operator_writes = writes(touch) - count  # minus the benchmark's own patches
+            wait_for_passes(cluster, operator, "child", passes_before + count)
+            touch = requests_since(cluster, mark)
+            touch[request_key("patch", "deployments")] -= count  # the bench's own
+            touch_passes = int(reconciles(operator, "child") - passes_before)
+            failed = sum(reconciles(operator, trigger, "error") for trigger in ("change", "child"))
+            failed_kinds = failures(failure_log.lines)
 
-        # No-op resync 2: restart the operator; kopf resumes every LLMService.
-        before_restart = calls_by_verb(cluster)
+        # No-op pass 2: restart the operator; kopf resumes every LLMService.
+        mark = len(cluster.emulator.log)
         with running_operator(cluster) as operator:
-            wait_for_passes(operator, "change", count, settle=2.0)
-            restart = diff(calls_by_verb(cluster), before_restart)
+            wait_for_passes(cluster, operator, "change", count)
+            restart = requests_since(cluster, mark)
     finally:
+        logging.getLogger("kopf").removeHandler(failure_log)
         cluster.stop()
+    return Run(
+        title="kmock emulator",
+        count=count,
+        created_s=created,
+        children_s=converged,
+        ready_s=None,
+        settled_s=None,
+        failed_passes=int(failed),
+        failures=failed_kinds,
+        requests=+creation,
+        touch_passes=touch_passes,
+        touch=+touch,
+        restart=restart,
+        peak_rss_mib=None,  # the operator runs in this process, beside the emulator
+        cpu_s=None,
+        restart_cpu_s=None,
+    )
 
-    creation = diff(after_create, baseline)
-    print(f"\nLLMServices: {count}  (kmock emulator, real kopf operator, 1 process, this machine)")
-    print(f"  created by the client in       {created:7.2f} s")
-    print(f"  all children existed after     {converged:7.2f} s  ({count / converged:.1f} LLMServices/s)")
-    print(
-        f"  API requests per LLMService    {sum(creation.values()) / count:7.2f}  "
-        f"(writes {writes(creation) / count:.2f})"
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for key, value in creation.items():
-        print(f"      {key:<45} {value / count:6.2f}")
-    print(
-        f"  no-op pass after a child edit: operator writes per LLMService {touch_operator_writes / count:.2f}"
+    parser.add_argument("--count", type=int, default=200, help="LLMServices per run")
+    parser.add_argument(
+        "--unrelated",
+        type=int,
+        default=5000,
+        help="unrelated pods, and as many ConfigMaps, the real run measures the operator's memory beside",
     )
-    for key, value in touch.items():
-        print(f"      {key:<45} {value:6d}")
-    restart_writes = writes(restart)
-    print(f"  no-op resync on restart:       writes per LLMService {restart_writes / count:.2f}")
-    for key, value in restart.items():
-        print(f"      {key:<45} {value:6d}")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    emulated = run_emulator(args.count)
+    real, memory = operator_bench_cluster.run(args.count, args.unrelated)
+    print(f"\nThe real operator, {args.count} LLMServices per run (this machine)\n")
+    print(table([emulated, real]))
+    print()
+    print(memory.report())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -193,12 +194,10 @@ class Cluster:
 
     def _admin_client(self) -> httpx.Client:
         pki = self.layout.pki
-        return httpx.Client(
-            base_url=self.layout.server,
-            verify=str(pki / "ca.crt"),
-            cert=(str(pki / "admin.crt"), str(pki / "admin.key")),
-            timeout=5.0,
-        )
+        # One SSL context for both sides: httpx 0.28 sends no client certificate given verify=<path>.
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        return httpx.Client(base_url=self.layout.server, verify=context, timeout=5.0)
 
     def _apiserver_ready(self) -> bool:
         with self._admin_client() as client:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import httpx
 from lightkube import ApiError, AsyncClient, KubeConfig, operators
 from lightkube.core.resource import NamespacedResource
 from lightkube.generic_resource import create_namespaced_resource
@@ -79,10 +80,17 @@ class ChildWriter:
             except ApiError as error:
                 if error.status.code not in RETRIED_CODES:
                     raise
-                if self._retries is not None:
-                    self._retries.labels(str(error.status.code)).inc()
+                self._count_retry(str(error.status.code))
                 await asyncio.sleep(max(delay, _retry_after(error)))
+            except httpx.TransportError as error:
+                # A timeout or a dropped connection (an API server under load): as safe to repeat as a 503.
+                self._count_retry(type(error).__name__)
+                await asyncio.sleep(delay)
         return await request()
+
+    def _count_retry(self, cause: str) -> None:
+        if self._retries is not None:
+            self._retries.labels(cause).inc()
 
     async def apply(self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         """Server-side apply with a fixed field manager: creates, updates, and drops fields no longer sent.

@@ -58,7 +58,8 @@ class OperatorMetrics:
         )
         self.api_retries = Counter(
             "llmservice_operator_api_retries",
-            "API requests the operator repeated after a retryable error, by HTTP status code",
+            "API requests the operator repeated after a retryable error, by HTTP status code (or the "
+            "transport error: ReadTimeout, ConnectError, ...)",
             ["code"],
             registry=registry,
         )

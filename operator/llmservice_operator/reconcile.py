@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import httpx
 import kopf
 from lightkube import ApiError
 
@@ -135,6 +136,12 @@ class Reconciler:
                 raise
             raise kopf.TemporaryError(
                 f"writing status failed: {_api_message(error)}", delay=RETRY_DELAY_SECONDS
+            ) from None
+        except httpx.TransportError as error:
+            # Timeouts that outlasted the writer's retries: soon again, not after kopf's 60 s default
+            # (and, for a child's event, not dropped: child_changed requeues a TemporaryError).
+            raise kopf.TemporaryError(
+                f"the API server did not answer: {type(error).__name__}", delay=RETRY_DELAY_SECONDS
             ) from None
         finally:
             self._metrics.reconciles.labels(trigger, result).inc()
