@@ -11,7 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from llmservice_operator.constants import API_VERSION, GPU_RESOURCE, KIND, MAX_NAME_LENGTH
@@ -33,6 +41,7 @@ API_KEY_ENV = "LLM_API_KEY"
 CONFIG_MAP_ENV = (
     "LLM_MODEL",
     "LLM_SERVED_MODEL_NAME",
+    "LLM_TASK",
     "LLM_ADAPTERS",
     "LLM_HOST",
     "LLM_PORT",
@@ -179,8 +188,8 @@ class EnvVar(_Model):
             )
         if name.upper() in CONFIG_MAP_ENV:
             raise ValueError(
-                f"{name} is set by the operator through its ConfigMap (from spec.model, spec.adapters, "
-                "spec.gpus and spec.serving); an env entry would override it"
+                f"{name} is set by the operator through its ConfigMap (from spec.model, spec.task, "
+                "spec.adapters, spec.gpus and spec.serving); an env entry would override it"
             )
         return name
 
@@ -298,6 +307,8 @@ class ServingSpec(_Model):
 
 class LLMServiceSpec(_Model):
     model: ModelSpec
+    # Before adapters, whose validator reads it. Always sent to the server (LLM_TASK), never its `auto`.
+    task: Literal["generate", "embed", "classify", "score"] = "generate"
     adapters: Annotated[list[AdapterSpec], Field(max_length=16)] = Field(default_factory=list)
     gpus: Annotated[int, Field(ge=0, le=8)] = 1
     # None: the operator leaves the Deployment's count as it is (1 when it creates it); see handover.py.
@@ -332,6 +343,14 @@ class LLMServiceSpec(_Model):
         if duplicates:
             raise ValueError(f"names must be unique; repeated: {', '.join(duplicates)}")
         return items
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters_generate(cls, adapters: list[AdapterSpec], info: ValidationInfo) -> list[AdapterSpec]:
+        # An invalid task is reported on its own and leaves no "task" here.
+        if adapters and info.data.get("task", "generate") != "generate":
+            raise ValueError("LoRA adapters serve generation only; they need spec.task generate")
+        return adapters
 
 
 @dataclass(frozen=True)

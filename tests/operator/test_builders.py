@@ -1,5 +1,6 @@
 """Pure builders: an LLMService in, plain dicts out (one test class per child)."""
 
+import copy
 import json
 from typing import Any
 
@@ -11,6 +12,7 @@ from llmservice_operator.builders.config import build_config_map, config_hash
 from llmservice_operator.builders.deployment import build_deployment
 from llmservice_operator.builders.network import build_network_policy, wants_network_policy
 from llmservice_operator.builders.service import build_service
+from llmservice_operator.constants import ANNOTATION_CONFIG_HASH
 from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import LLMService, parse_spec
 from tests.charts.rendering import KUBE_VERSIONS, schema_errors
@@ -72,6 +74,7 @@ class TestConfigMap:
         assert config["data"] == {
             "LLM_MODEL": "/var/cache/llm/models/acme--llama/v2",
             "LLM_SERVED_MODEL_NAME": "bot",
+            "LLM_TASK": "generate",
             "LLM_HOST": "0.0.0.0",
             "LLM_PORT": "8000",
             "LLM_DEVICE": "cuda",
@@ -94,6 +97,10 @@ class TestConfigMap:
             "8",
         )
         assert data["LLM_MODEL"] == "/m"
+
+    @pytest.mark.parametrize("task", ["generate", "embed", "classify", "score"])
+    def test_the_task_reaches_the_server(self, task: str) -> None:
+        assert build_config_map(service(task=task))["data"]["LLM_TASK"] == task
 
     def test_hash_follows_the_data(self) -> None:
         first = config_hash(build_config_map(service()))
@@ -461,3 +468,35 @@ class TestNetworkPolicy:
     def test_validates_against_the_kubernetes_schema(self, version: str) -> None:
         policy = build_network_policy(service(networkPolicy={"enabled": True, "ingressFrom": PEERS}))
         assert schema_errors(policy, version) is None
+
+
+class TestPoolingModels:
+    """An embedding, classification or scoring model runs as a generative one does: the same probes, metrics
+    annotations, HPA on in-flight requests, PDB and NetworkPolicy; only LLM_TASK differs."""
+
+    @pytest.mark.parametrize("task", ["embed", "classify", "score"])
+    def test_children_differ_from_a_generative_models_only_in_the_task(self, task: str) -> None:
+        spec = {
+            "gpus": 0,
+            "autoscaling": {"maxReplicas": 4},
+            "networkPolicy": {"enabled": True, "ingressFrom": PEERS},
+        }
+        generative = build_children(service(**spec), SETTINGS)
+        pooling = build_children(service(task=task, **spec), SETTINGS)
+        assert [child["kind"] for child in pooling.desired] == [
+            "ConfigMap",
+            "Service",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        ]
+        assert pooling.absent == generative.absent == []
+        # The task is in the ConfigMap, so in the hash on the pod template that rolls the pods; nowhere else.
+        expected = copy.deepcopy(generative.desired)
+        config_map, _, server_deployment = expected[:3]
+        config_map["data"]["LLM_TASK"] = task
+        server_deployment["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CONFIG_HASH] = (
+            config_hash(config_map)
+        )
+        assert pooling.desired == expected

@@ -35,6 +35,29 @@ def test_render_prints_the_children_as_a_yaml_stream() -> None:
     assert all("ownerReferences" not in doc["metadata"] for doc in documents)
 
 
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+def test_every_example_renders(example: Path) -> None:
+    result = run("render", "-f", str(example.relative_to(ROOT)))
+    assert result.returncode == 0, result.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout)]
+    assert kinds[:3] == ["ConfigMap", "Service", "Deployment"]
+
+
+def test_render_serves_an_embedding_model_autoscaled_without_adapters() -> None:
+    result = run("render", "-f", "examples/embeddings.yaml")
+    assert result.returncode == 0, result.stderr
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout)}
+    data = documents["ConfigMap"]["data"]
+    assert (data["LLM_TASK"], data["LLM_DEVICE"]) == ("embed", "cpu")
+    assert "LLM_ADAPTERS" not in data
+    assert documents["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "embeddings"
+    (init,) = documents["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"][:3] == ["download", "--source", "hf://sentence-transformers/all-MiniLM-L6-v2"]
+
+
 def test_render_prints_no_yaml_anchors() -> None:
     """The init containers and the server share one securityContext object; reviewers diff this output."""
     result = run("render", "-f", "examples/support-bot.yaml")
@@ -105,7 +128,8 @@ def test_replicas_with_peering_draw_their_own_priority() -> None:
 
 def test_the_examples_name_no_namespace_so_kubectl_n_places_them() -> None:
     """The README applies them with `kubectl -n llm apply -f`: a namespace in the file would be refused."""
-    for example in (ROOT / "examples").glob("*.yaml"):
+    assert {path.name for path in EXAMPLES} >= {"demo-cpu.yaml", "embeddings.yaml", "support-bot.yaml"}
+    for example in EXAMPLES:
         for document in yaml.safe_load_all(example.read_text()):
             assert "namespace" not in document["metadata"], example.name
 

@@ -6,6 +6,7 @@ same manifests.
 
 import copy
 import re
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -73,6 +74,7 @@ def test_crd_names_scope_and_subresources(crd: dict) -> None:
     columns = {column["name"]: column["jsonPath"] for column in version["additionalPrinterColumns"]}
     assert columns == {
         "Model": ".spec.model.source",
+        "Task": ".spec.task",
         "Adapters": ".spec.adapters[*].name",
         "GPUs": ".spec.gpus",
         "Ready-Replicas": ".status.readyReplicas",
@@ -149,9 +151,53 @@ VALID_CASES: list[ValidCase] = [
         "image-pull-secrets",
         with_changes(MINIMAL, "spec.imagePullSecrets", [{"name": "registry"}, {"name": "mirror"}]),
     ),
+    ValidCase(
+        "task-generate-with-adapters",
+        with_changes(
+            with_changes(MINIMAL, "spec.task", "generate"),
+            "spec.adapters",
+            [{"name": "support", "source": "hf://acme/support"}],
+        ),
+    ),
+    ValidCase(
+        "task-embed-on-cpu-autoscaled",  # every serving limit applies to pooling models too
+        with_changes(
+            with_changes(
+                with_changes(with_changes(MINIMAL, "spec.task", "embed"), "spec.gpus", 0),
+                "spec.autoscaling",
+                {"maxReplicas": 4, "targetInFlightRequests": 16},
+            ),
+            "spec.serving",
+            {"maxBatchSize": 64, "maxQueuedRequests": 512, "maxModelLen": 256, "dtype": "float32"},
+        ),
+    ),
+    ValidCase("task-classify", with_changes(MINIMAL, "spec.task", "classify")),
+    ValidCase(
+        "task-score-with-no-adapters",
+        with_changes(with_changes(MINIMAL, "spec.task", "score"), "spec.adapters", []),
+    ),
 ]
 
 INVALID_CASES: list[InvalidCase] = [
+    InvalidCase(
+        "task-unknown",
+        with_changes(MINIMAL, "spec.task", "rerank"),
+        "spec.task",
+        "is not one of",
+    ),
+    *(
+        InvalidCase(
+            f"adapters-with-task-{task}",
+            with_changes(
+                with_changes(MINIMAL, "spec.task", task),
+                "spec.adapters",
+                [{"name": "support", "source": "hf://acme/support"}],
+            ),
+            "spec.adapters",
+            "LoRA adapters serve generation only; they need spec.task generate",
+        )
+        for task in ("embed", "classify", "score")
+    ),
     InvalidCase(
         "min-over-max",
         with_changes(MINIMAL, "spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2}),
@@ -419,6 +465,23 @@ def test_readme_example_is_valid(crd: dict, example: dict) -> None:
     assert parse_manifest(example).spec.autoscaling is not None
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_example_is_valid(crd: dict, path: Path) -> None:
+    for manifest in yaml.safe_load_all(path.read_text()):
+        assert crd_violations(crd, manifest) == []
+        parse_manifest(manifest)
+
+
+def test_crd_and_operator_refuse_adapters_of_a_pooling_model_in_the_same_words(crd: dict) -> None:
+    manifest = with_changes(
+        with_changes(MINIMAL, "spec.task", "embed"), "spec.adapters", [{"name": "a", "source": "hf://a/b"}]
+    )
+    (problem,) = crd_violations(crd, manifest)
+    with pytest.raises(InvalidSpec) as rejected:
+        parse_manifest(manifest)
+    assert problem == f"self.spec: {rejected.value}"
+
+
 @pytest.mark.parametrize(
     ("manifest", "field", "crd_message"),
     [pytest.param(case.manifest, case.field, case.crd_message, id=case.name) for case in INVALID_CASES],
@@ -495,6 +558,7 @@ def test_crd_defaults_match_the_operator_defaults(crd: dict) -> None:
     parsed = parse_manifest(with_changes(defaulted, "spec.cache", {})).spec
     spec = defaulted["spec"]
     assert spec["gpus"] == parsed.gpus
+    assert spec["task"] == parsed.task == "generate"
     assert spec.get("replicas") is parsed.replicas is None  # unset: the live count stays
     assert spec["autoscaling"]["minReplicas"] == parsed.autoscaling.min_replicas
     assert spec["autoscaling"]["targetInFlightRequests"] == parsed.autoscaling.target_in_flight_requests

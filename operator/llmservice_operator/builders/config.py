@@ -19,6 +19,9 @@ def server_settings(svc: LLMService) -> dict[str, str]:
     settings = {
         "LLM_MODEL": local_path(spec.model),
         "LLM_SERVED_MODEL_NAME": svc.served_name,
+        # Always the spec's task, never the server's `auto`: what a pod serves must not hang on a guess
+        # from the model's architecture.
+        "LLM_TASK": spec.task,
         "LLM_HOST": "0.0.0.0",
         "LLM_PORT": str(SERVER_PORT),
         "LLM_DEVICE": "cuda" if spec.gpus > 0 else "cpu",
