@@ -1,5 +1,5 @@
-"""Turning autoscaling on (or unsetting spec.replicas) without a scale-down: the Deployment's
-spec.replicas passes from the operator's apply to another owner, keeping its live value.
+"""Turning autoscaling on without a scale-down: the Deployment's spec.replicas passes from the
+operator's apply to another owner (then the HPA), keeping its live value.
 
 Server-side apply removes a field its only manager stops sending, and a Deployment without
 spec.replicas defaults to 1: applying the autoscaled Deployment (no replicas, the HPA owns them) would

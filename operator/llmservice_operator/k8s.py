@@ -162,6 +162,20 @@ class ChildWriter:
             raise
         return owner.metadata.uid == uid and owner.metadata.deletionTimestamp is None
 
+    async def record_replicas(self, namespace: str, name: str, replicas: int, resource_version: str) -> bool:
+        """spec.replicas of the LLMService, only if it is still the version the pass read (a user's edit in
+        between wins); False when it was not."""
+        patch = {"metadata": {"resourceVersion": resource_version}, "spec": {"replicas": replicas}}
+        try:
+            await self._client.patch(
+                LLMServiceResource, name, patch, namespace=namespace, patch_type=PatchType.MERGE
+            )
+        except ApiError as error:
+            if error.status.code in {404, 409}:
+                return False
+            raise
+        return True
+
     async def patch_status(self, namespace: str, name: str, changes: dict[str, Any]) -> None:
         """A merge patch of the status subresource (for passes started by a child's event)."""
         await self._retrying(

@@ -29,6 +29,7 @@ from llmservice_operator.expectations import Expectations
 from llmservice_operator.handover import HANDOVER_FIELD_MANAGER, handover_manifest, replicas_to_hand_over
 from llmservice_operator.k8s import ChildWriter
 from llmservice_operator.metrics import OperatorMetrics
+from llmservice_operator.replicas import replicas_to_record
 from llmservice_operator.settings import OperatorSettings
 from llmservice_operator.spec import InvalidSpec, LLMService, check_name, parse_spec
 
@@ -199,6 +200,9 @@ class Reconciler:
         # The Deployment as this pass's apply left it, when it did: the watched copy is the old
         # generation's, fully rolled out, and would report an edit Ready before its rollout starts.
         deployment = applied.get("Deployment") or view.child("Deployment", name)
+        replicas = replicas_to_record(spec, deployment)
+        if replicas is not None:  # the HPA scaled: see replicas.py
+            await writer.record_replicas(namespace, name, replicas, meta.get("resourceVersion", ""))
         conflict = conflict_message(conflicts) if conflicts else None
         await self._write_status(
             body, writer, Observation(generation, deployment, view.pods(), conflict=conflict)

@@ -311,8 +311,7 @@ class LLMServiceSpec(_Model):
     task: Literal["generate", "embed", "classify", "score"] = "generate"
     adapters: Annotated[list[AdapterSpec], Field(max_length=16)] = Field(default_factory=list)
     gpus: Annotated[int, Field(ge=0, le=8)] = 1
-    # None: the operator leaves the Deployment's count as it is (1 when it creates it); see handover.py.
-    replicas: Annotated[int | None, Field(ge=0, le=1000)] = None
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     autoscaling: AutoscalingSpec | None = None
     image: Annotated[str | None, Field(max_length=512)] = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None

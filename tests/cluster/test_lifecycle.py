@@ -1,6 +1,7 @@
 """An LLMService's life on a real control plane: the real controllers, scheduler and garbage collector
 act on what the operator writes, kwok plays the kubelets, and every check reads the real API server."""
 
+import json
 import re
 import time
 
@@ -218,6 +219,10 @@ def test_autoscaling_on_without_a_dip_and_off_keeping_the_live_count(kube: Kube)
         '{"spec": {"autoscaling": {"minReplicas": 3, "maxReplicas": 4}}}',
     )
     eventually(lambda: kube.get("deployment", "bot")["spec"]["replicas"] == 3, timeout=60)
+    # The LLMService says so too: spec.replicas follows the HPA, and /scale reads it.
+    eventually(lambda: kube.get("llms", "bot")["spec"]["replicas"] == 3, timeout=30)
+    scale = json.loads(kube.run("get", "llms", "bot", "--subresource=scale", "-o", "json"))
+    assert scale["spec"]["replicas"] == 3
     kube.run("patch", "llms/bot", "--type=merge", "-p", '{"spec": {"autoscaling": null}}')
     eventually(lambda: kube.get("hpa", "bot") is None, timeout=30)
     assert set(watch_replicas(kube, "bot", 4)) == {3}

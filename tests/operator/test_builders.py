@@ -113,9 +113,8 @@ class TestDeployment:
         assert deployment(replicas=3)["spec"]["replicas"] == 3
         assert "replicas" not in deployment(replicas=3, autoscaling={"maxReplicas": 4})["spec"]
 
-    def test_unset_replicas_leave_the_live_count_alone(self) -> None:
-        # Turning autoscaling off then keeps the HPA's last count instead of falling to a default 1.
-        assert "replicas" not in deployment()["spec"]
+    def test_the_default_is_one_replica(self) -> None:
+        assert deployment()["spec"]["replicas"] == 1
 
     def test_selector_is_the_immutable_subset(self) -> None:
         spec = deployment()["spec"]
@@ -188,9 +187,10 @@ class TestDeployment:
             }
         ]
 
-    def test_one_replica_has_nothing_to_spread(self) -> None:
-        assert "topologySpreadConstraints" not in pod_spec(replicas=1)
-        assert "topologySpreadConstraints" not in pod_spec(autoscaling={"maxReplicas": 1})
+    def test_the_pod_template_does_not_change_with_the_replica_count(self) -> None:
+        """A spread that came and went with the count would roll every pod on `kubectl scale` from 1."""
+        one, three = deployment(replicas=1)["spec"]["template"], deployment(replicas=3)["spec"]["template"]
+        assert one == three
 
     def test_the_users_pod_affinity_replaces_the_spread_and_node_affinity_keeps_it(self) -> None:
         anti = {

@@ -559,7 +559,7 @@ def test_crd_defaults_match_the_operator_defaults(crd: dict) -> None:
     spec = defaulted["spec"]
     assert spec["gpus"] == parsed.gpus
     assert spec["task"] == parsed.task == "generate"
-    assert spec.get("replicas") is parsed.replicas is None  # unset: the live count stays
+    assert spec["replicas"] == parsed.replicas == 1
     assert spec["autoscaling"]["minReplicas"] == parsed.autoscaling.min_replicas
     assert spec["autoscaling"]["targetInFlightRequests"] == parsed.autoscaling.target_in_flight_requests
     assert (

@@ -3,6 +3,8 @@
 from typing import Any
 
 from llmservice_operator.handover import HANDOVER_FIELD_MANAGER, handover_manifest, replicas_to_hand_over
+from llmservice_operator.replicas import replicas_to_record
+from llmservice_operator.spec import LLMServiceSpec, parse_spec
 
 AUTOSCALED: dict[str, Any] = {
     "apiVersion": "apps/v1",
@@ -53,3 +55,26 @@ def test_nothing_to_hand_over_once_someone_else_owns_the_count_or_the_operator_k
     fixed = {**AUTOSCALED, "spec": {**AUTOSCALED["spec"], "replicas": 3}}
     assert replicas_to_hand_over(fixed, live(8, ("llmservice-operator", "Apply"))) is None
     assert replicas_to_hand_over(AUTOSCALED, None) is None
+
+
+class TestReplicasToRecord:
+    """While autoscaling is on, spec.replicas follows the HPA's count (replicas.py)."""
+
+    @staticmethod
+    def spec(**fields: object) -> LLMServiceSpec:
+        return parse_spec({"model": {"source": "hf://acme/llama"}, **fields})
+
+    def test_the_hpas_count_is_copied_while_autoscaling(self) -> None:
+        autoscaled = self.spec(autoscaling={"maxReplicas": 4})
+        assert replicas_to_record(autoscaled, {"spec": {"replicas": 3}}) == 3
+        assert (
+            replicas_to_record(
+                self.spec(replicas=3, autoscaling={"maxReplicas": 4}), {"spec": {"replicas": 3}}
+            )
+            is None
+        )
+        assert replicas_to_record(autoscaled, {"spec": {}}) is None
+        assert replicas_to_record(autoscaled, None) is None
+
+    def test_nothing_is_copied_without_autoscaling(self) -> None:
+        assert replicas_to_record(self.spec(replicas=1), {"spec": {"replicas": 3}}) is None

@@ -25,7 +25,7 @@ def may_run_several(svc: LLMService) -> bool:
     """More than one replica at a time, the case that PDBs and spreading across nodes are for."""
     if svc.spec.autoscaling is not None:
         return svc.spec.autoscaling.max_replicas > 1
-    return (svc.spec.replicas or 1) > 1
+    return svc.spec.replicas > 1
 
 
 def labels(svc: LLMService) -> dict[str, str]:

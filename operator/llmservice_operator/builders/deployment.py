@@ -214,9 +214,9 @@ def build_deployment(
             "spec": _pod_spec(svc, settings, image, config_map),
         },
     }
-    # With an HPA the autoscaler owns spec.replicas; writing it here would fight it. Without one and
-    # without spec.replicas, the count that runs stays (the Deployment's default 1 when it is created).
-    if svc.spec.autoscaling is None and svc.spec.replicas is not None:
+    # With an HPA the autoscaler owns spec.replicas; writing it here would fight it (the operator copies
+    # the HPA's count into the LLMService's spec.replicas instead: see replicas.py).
+    if svc.spec.autoscaling is None:
         deployment_spec = {"replicas": svc.spec.replicas, **deployment_spec}
     return {
         "apiVersion": "apps/v1",

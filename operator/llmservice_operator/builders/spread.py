@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from llmservice_operator.builders.common import may_run_several, selector_labels
+from llmservice_operator.builders.common import selector_labels
 from llmservice_operator.spec import LLMService
 
 HOSTNAME_KEY = "kubernetes.io/hostname"
@@ -16,7 +16,9 @@ def topology_spread(svc: LLMService) -> list[dict[str, Any]]:
     and wins; nodeAffinity only narrows the nodes, which the spread counts alone (nodeAffinityPolicy Honor).
     """
     affinity = svc.spec.affinity or {}
-    if not may_run_several(svc) or "podAffinity" in affinity or "podAntiAffinity" in affinity:
+    # Not tied to the replica count: in the pod template, a constraint that came and went with it would
+    # roll every pod (a model reload each) on `kubectl scale` from 1 and back. With one pod it is moot.
+    if "podAffinity" in affinity or "podAntiAffinity" in affinity:
         return []
     return [
         {
