@@ -131,3 +131,65 @@ def test_helm_uninstall_keeps_the_crds_and_the_llmservices(kube: Kube) -> None:
     kube.run("wait", "llms/kept", "--for=jsonpath={.status.readyReplicas}=2", "--timeout=60s")
     kube.run("wait", "llms/kept", "--for=condition=Ready", "--timeout=60s")
     assert kube.get("deployment", "kept")["metadata"]["uid"] == deployment["metadata"]["uid"]
+
+
+def hook_era_chart(root: Path) -> Path:
+    """The shape of the chart before kopf's peering CRDs moved to crds/: both CRDs release templates, the
+    peering object a post-install hook (so no release owns it)."""
+    chart = root / "llmservice-operator"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: llmservice-operator\nversion: 0.0.9\n")
+    for name in ("kopf.dev_clusterkopfpeerings.yaml", "kopf.dev_kopfpeerings.yaml"):
+        shutil.copy(CHART / "crds" / name, chart / "templates" / name)
+    # Behind a value: a first install cannot create it (Helm maps the hook's kind before the CRD exists).
+    (chart / "templates" / "peering.yaml").write_text(
+        "{{- if .Values.hook }}\napiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata:\n"
+        "  name: {{ .Release.Name }}-llmservice-operator\n  annotations:\n"
+        "    helm.sh/hook: post-install,post-upgrade\n"
+        "    helm.sh/hook-delete-policy: before-hook-creation\n{{- end }}\n"
+    )
+    return chart
+
+
+def crds_present(cluster: Cluster) -> set[str]:
+    names = cluster.kubectl("get", "crd", "-o", "name").stdout.split()
+    return {name.removeprefix("customresourcedefinition.apiextensions.k8s.io/") for name in names}
+
+
+def test_an_upgrade_from_the_hook_era_chart_keeps_the_shared_peering_crds(
+    cluster: Cluster, kube: Kube, tmp_path: Path
+) -> None:
+    """Upgrading drops the CRD templates from the release: Helm would delete them for every kopf
+    operator in the cluster. The chart keeps them, and says how to hand the hook's object over."""
+    release, namespace = "peered", kube.namespace
+    for crd in PEERING_CRDS:  # as on a cluster that never had this chart's crds/
+        cluster.kubectl("delete", "crd", crd, "--wait=true")
+    try:
+        old_chart = str(hook_era_chart(tmp_path))
+        helm(cluster, "install", release, old_chart, "-n", namespace)
+        helm(cluster, "upgrade", release, old_chart, "-n", namespace, "--set", "hook=true")
+        kube.run(
+            "create",
+            "-f",
+            "-",
+            stdin=json.dumps(
+                {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "another-operator"}}
+            ),
+        )
+        values = ["--set", "peering.enabled=true,crds.enabled=false,replicaCount=0"]
+        refused = cluster.helm("upgrade", release, str(CHART), "-n", namespace, *values, check=False)
+        assert refused.returncode != 0
+        assert "created by an older chart's hook" in refused.stderr
+        handover = refused.stderr.split("hand it to this release first: ")[1].strip().strip('"')
+        for command in handover.split(" && "):
+            assert cluster.kubectl(*command.split()[1:], check=False).returncode == 0, command
+        helm(cluster, "upgrade", release, str(CHART), "-n", namespace, *values)
+        assert set(PEERING_CRDS) <= crds_present(cluster)
+        assert kube.get("kopfpeering", "another-operator") is not None
+        helm(cluster, "uninstall", release, "-n", namespace, "--wait")
+        assert set(PEERING_CRDS) <= crds_present(cluster)
+    finally:
+        cluster.helm("uninstall", release, "-n", namespace, check=False)
+        for crd in PEERING_CRDS:  # back as the session's release installed them, from its crds/
+            if crd not in crds_present(cluster):
+                cluster.kubectl("apply", "-f", str(CHART / "crds" / f"kopf.dev_{crd.split('.')[0]}.yaml"))
