@@ -445,7 +445,7 @@ class Bench:
 def run(count: int, unrelated: int) -> tuple[Run, Memory]:
     """Starts a cluster in a temporary directory, runs the bench on it, and stops it, whatever happens."""
     with tempfile.TemporaryDirectory(prefix="operator-bench-") as directory:
-        cluster = Cluster(Path(directory) / "state")
+        cluster = Cluster(Path(directory) / "state", outlive_caller=False)
         cluster.up()
         bench = Bench(cluster, count)
         try:

@@ -8,6 +8,7 @@ started it (`make cluster-up`); `down` stops them all from the pids in state.jso
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -58,6 +59,20 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat): another one, another process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it ends (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 def _kubeconfig(server: str, ca: Path, user: dict[str, str]) -> dict:
     return {
         "apiVersion": "v1",
@@ -77,9 +92,12 @@ def _write_private(path: Path, text: str) -> None:
 class Cluster:
     """One cluster's state directory; the processes it started are recorded in state.json."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, outlive_caller: bool = True) -> None:
+        """`outlive_caller`: the processes keep running after this Python process ends (`make
+        cluster-up`); otherwise the kernel kills each one when it does, however it ends (a test run)."""
         self.root = root.resolve()
         self._state_path = self.root / "state.json"
+        self._outlive_caller = outlive_caller
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -135,15 +153,23 @@ class Cluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            start_new_session=True,
+            start_new_session=True,  # its own process group: stop_process signals it whole
+            preexec_fn=None if self._outlive_caller else _die_with_parent,
         )
         state = self._state()
         state["pids"][name] = process.pid
+        state.setdefault("started", {})[name] = _start_time(process.pid)
         self._save(state)
         return process.pid
 
     def pid(self, name: str) -> int | None:
-        return self._state()["pids"].get(name)
+        """The process's pid, unless it is gone and the pid may be someone else's now (after a reboot
+        or a crash, state.json outlives its processes)."""
+        state = self._state()
+        pid = state["pids"].get(name)
+        if pid is None or _start_time(pid) != state.get("started", {}).get(name):
+            return None
+        return pid
 
     def _alive(self, name: str) -> bool:
         pid = self.pid(name)
@@ -176,6 +202,7 @@ class Cluster:
     def stop_process(self, name: str, timeout: float = 10.0) -> None:
         pid = self.pid(name)
         if pid is None:
+            self._forget(name)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
@@ -186,8 +213,12 @@ class Cluster:
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
         state = self._state()
         state["pids"].pop(name, None)
+        state.get("started", {}).pop(name, None)
         self._save(state)
 
     # -- health ----------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class Kube:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root: Path = tmp_path_factory.mktemp("cluster")
-    cluster = Cluster(root / "state")
+    cluster = Cluster(root / "state", outlive_caller=False)  # a killed run leaves nothing running
     seconds = cluster.up()
     _FIGURES.append(("cluster", f"real control plane, start to operator ready: {seconds:.1f} s"))
     try:

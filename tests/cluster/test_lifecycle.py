@@ -141,9 +141,18 @@ def test_an_operator_restart_writes_nothing(kube: Kube) -> None:
     time.sleep(2)  # let the last status write and its echo settle
     before = operator_writes(kube)
     kube.cluster.stop_process("operator")
+    requests_before = len(kube.cluster.operator_requests())
     kube.cluster.start_operator()
     time.sleep(5)  # kopf has listed, resumed every LLMService and handled the replayed child events
     assert operator_writes(kube) == before
+    # The API server's own record: not even a write that changes nothing (a same-value status patch).
+    writes = [
+        f"{event['verb']} {event['requestURI']}"
+        for event in kube.cluster.operator_requests()[requests_before:]
+        if event["verb"] in {"create", "update", "patch", "delete"}
+        and event.get("objectRef", {}).get("namespace") == kube.namespace
+    ]
+    assert writes == []
 
 
 def test_deleting_the_llmservice_garbage_collects_its_children(kube: Kube) -> None:
