@@ -15,7 +15,8 @@ from llm_server.logs import configure_logging
 
 @click.group()
 def main() -> None:
-    """OpenAI-compatible inference for a base model and its LoRA adapters."""
+    """OpenAI-compatible inference for a base model and its LoRA adapters, or an embedding,
+    classification or cross-encoder model."""
 
 
 def _adapters(values: tuple[str, ...]) -> dict[str, str]:
@@ -34,6 +35,11 @@ def _adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--model", type=click.Path(path_type=Path), help="Base model directory [LLM_MODEL].")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR", help="A LoRA adapter (repeatable).")
 @click.option("--served-model-name", help="Name clients send as `model` [LLM_SERVED_MODEL_NAME].")
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "generate", "embed", "classify", "score"]),
+    help="What the model serves [LLM_TASK, auto: detected from the model directory].",
+)
 @click.option("--host", help="[LLM_HOST, 0.0.0.0]")
 @click.option("--port", type=int, help="[LLM_PORT, 8000]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))

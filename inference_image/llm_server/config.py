@@ -17,6 +17,13 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="Model name clients send; default: the model dir name."
     )
+    task: Literal["auto", "generate", "embed", "classify", "score"] = Field(
+        "auto",
+        description="What the model serves: generate (completions, chat), embed (/v1/embeddings), classify "
+        "(/classify, /predict) or score (/score, /rerank: a cross-encoder); auto: a sentence-transformers "
+        "model embeds, a *ForSequenceClassification scores with one label and classifies with more, "
+        "anything else generates.",
+    )
     host: str = "0.0.0.0"
     port: int = 8000
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -24,9 +31,16 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's own.")
     max_new_tokens: int = Field(1024, ge=1, description="Most tokens one request may generate.")
     default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request names no limit.")
-    max_batch_size: int = Field(32, ge=1, description="Requests decoded together in one step.")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Requests decoded together in one step (embed, classify, score: inputs per forward).",
+    )
     max_batch_tokens: int = Field(
-        65536, ge=16, description="Cache budget of the batch: prompt + max_tokens summed over its requests."
+        65536,
+        ge=16,
+        description="Cache budget of the batch: prompt + max_tokens summed over its requests (embed, "
+        "classify, score: the padded tokens of one forward, its rows x the longest).",
     )
     max_prefill_tokens: int | None = Field(
         None,

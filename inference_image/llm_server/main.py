@@ -1,5 +1,6 @@
 """create_app(settings): the FastAPI app, with a lifespan that loads the engine in the background so that
-/health/ready can answer 503 while the model loads."""
+/health/ready can answer 503 while the model loads. The engine generates, or pools (embed, classify, score)
+as LLM_TASK says or the model directory shows."""
 
 from __future__ import annotations
 
@@ -9,31 +10,55 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from llm_server.api import health_routes, lora_routes, openai_routes, simple_routes
+from llm_server.api import health_routes, lora_routes, openai_routes, pooling_routes, simple_routes
 from llm_server.api.errors import install_error_handlers
 from llm_server.api.generation import Generation
 from llm_server.api.metrics import ServerMetrics
 from llm_server.api.middleware import RequestContext
+from llm_server.api.pooling import Pooling
 from llm_server.config import ServerSettings
-from llm_server.engine.interface import Engine
+from llm_server.engine.interface import Engine, PoolingEngine, ServingEngine
 
 logger = logging.getLogger(__name__)
-EngineFactory = Callable[[ServerSettings], Engine]
+EngineFactory = Callable[[ServerSettings], ServingEngine]
 
 
 @dataclasses.dataclass
 class ServerState:
     phase: str = "loading"  # loading -> ready -> draining; or failed
-    generation: Generation | None = None
+    engine: ServingEngine | None = None
+    generation: Generation | None = None  # task generate
+    pooling: Pooling | None = None  # tasks embed, classify, score
     failure: str | None = None
 
 
-def build_engine(settings: ServerSettings, engine_class: type | None = None) -> Engine:
-    """Loads the model and its adapters and starts the engine (the continuous-batching one by default)."""
+def build_engine(settings: ServerSettings, engine_class: type | None = None) -> ServingEngine:
+    """Loads the model (and its adapters) and starts the engine for its task: continuous batching for
+    generation (or `engine_class`), batched pooling for embed, classify and score."""
+    from llm_server.engine.tasks import TaskError, resolve_task
+
+    task = resolve_task(settings.model, settings.task)
+    if task.task != "generate":
+        if settings.adapters:
+            raise TaskError(f"LoRA adapters serve generation only; task {task.task} takes none")
+        from llm_server.engine.loading import load_pooling_model
+        from llm_server.engine.pooling_engine import BatchPoolingEngine
+
+        pooling = load_pooling_model(
+            settings.model, task, settings.dtype, settings.device, settings.max_model_len
+        )
+        return BatchPoolingEngine(
+            pooling,
+            settings.model_name,
+            settings.max_batch_size,
+            settings.max_queued_requests,
+            settings.max_batch_tokens,
+        )
     from llm_server.engine.batching import BatchingEngine
     from llm_server.engine.loading import load_model
 
@@ -86,7 +111,11 @@ def create_app(
             step_times=lambda: engine.step_times,
             cache_usage=lambda: engine.cache_usage,
         )
-        state.generation = Generation(engine, settings, metrics)
+        if engine.task == "generate":
+            state.generation = Generation(cast(Engine, engine), settings, metrics)
+        else:
+            state.pooling = Pooling(cast(PoolingEngine, engine), settings, metrics)
+        state.engine = engine
         if state.phase == "loading":
             state.phase = "ready"
         logger.info("ready to serve", extra={"model_name": settings.model_name})
@@ -96,14 +125,15 @@ def create_app(
         loading = asyncio.create_task(load())
         yield
         loading.cancel()
-        if state.generation is not None:
-            state.generation.engine.shutdown()
+        if state.engine is not None:
+            state.engine.shutdown()
 
     app = FastAPI(
         title="llm-server",
         version=simple_routes.VERSION,
         lifespan=lifespan,
-        summary="OpenAI-compatible inference for a base model and its LoRA adapters",
+        summary="OpenAI-compatible inference for a base model and its LoRA adapters, or for an embedding, "
+        "classification or cross-encoder model",
     )
     app.state.settings, app.state.server, app.state.metrics = settings, state, metrics
     install_error_handlers(app)
@@ -111,6 +141,7 @@ def create_app(
     app.include_router(simple_routes.router)
     app.include_router(simple_routes.protected)
     app.include_router(openai_routes.router)
+    app.include_router(pooling_routes.router)
     if settings.enable_runtime_lora:
         app.include_router(lora_routes.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)

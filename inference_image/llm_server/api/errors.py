@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llm_server.engine.interface import (
     AdapterError,
     ContextTooLong,
+    InvalidInput,
     MessagesRejected,
     QueueFull,
     UnknownModel,
@@ -69,6 +70,8 @@ def from_engine_error(error: Exception) -> APIError:
         return APIError(429, str(error), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, ContextTooLong | MessagesRejected):
         return APIError(400, str(error), param="messages")
+    if isinstance(error, InvalidInput):
+        return APIError(400, str(error), param="input")
     if isinstance(error, UnknownModel):
         return APIError(404, str(error), param="model")
     if isinstance(error, AdapterError):

@@ -199,7 +199,7 @@ class Generation:
             *(collect(prompt, deltas) for (prompt, _), deltas in zip(jobs, started, strict=True))
         )
         collecting = asyncio.ensure_future(gathered)
-        watching = asyncio.ensure_future(_disconnected(request))
+        watching = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -213,6 +213,7 @@ class Generation:
         return collecting.result()
 
 
-async def _disconnected(request: Request) -> None:
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is read: what is left to receive is its disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models (/v1/embeddings is in
+pooling_routes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from llm_server.api.auth import require_api_key
-from llm_server.api.dependencies import GenerationDep
+from llm_server.api.dependencies import EngineDep, GenerationDep
 from llm_server.api.errors import APIError, error_body
 from llm_server.api.generation import Generation
 from llm_server.api.schemas import (
@@ -43,7 +44,9 @@ def _only_one_choice(n: int) -> None:
 
 
 @router.get("/models")
-async def list_models(generation: GenerationDep) -> dict[str, Any]:
+async def list_models(engine: EngineDep) -> dict[str, Any]:
+    """vLLM's entries (max_model_len included), plus `task`: what the model serves (generate, embed,
+    classify or score), which OpenAI's and vLLM's cards do not say."""
     created = int(time.time())
     return {
         "object": "list",
@@ -55,8 +58,10 @@ async def list_models(generation: GenerationDep) -> dict[str, Any]:
                 "owned_by": "llmservice",
                 "root": card.path if card.parent else card.name,
                 "parent": card.parent,
+                "max_model_len": engine.max_model_len,
+                "task": engine.task,
             }
-            for card in generation.engine.models()
+            for card in engine.models()
         ],
     }
 

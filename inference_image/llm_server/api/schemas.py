@@ -1,14 +1,16 @@
-"""Request and response bodies: OpenAI's shapes, and the simple API of the seed services."""
+"""Request and response bodies: OpenAI's shapes (vLLM's for classify, score and rerank), and the simple API
+of the seed services."""
 
 from __future__ import annotations
 
 import math
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 MAX_MESSAGES = 4096
 MAX_PROMPT_CHARS = 1_000_000
+MAX_INPUTS = 2048  # OpenAI's bound on the inputs of one embeddings request
 
 
 class _Request(BaseModel):
@@ -191,6 +193,158 @@ class BatchResponse(BaseModel):
     results: list[str]
     usage: Usage
     model: str
+
+
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)]
+TokenIds = Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(min_length=1)]
+# OpenAI's input: a text, texts, one token list or token lists.
+PoolingInputs = (
+    Text | Texts | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
+)
+
+
+class PoolingFields(_Request):
+    """vLLM's extensions that every pooling request takes."""
+
+    truncate_prompt_tokens: int | None = Field(
+        None, description="Keep this many tokens of each input (-1: the model's limit) instead of a 400."
+    )
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _positive_or_model_limit(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("must be -1 (the model's limit) or at least 1")
+        return value
+
+
+class EmbeddingRequest(PoolingFields):
+    model: str
+    input: PoolingInputs
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int | None, Field(ge=1)] = None
+    user: str | None = None
+    add_special_tokens: bool = True  # vLLM's: off for texts that already carry them
+
+
+class ClassificationRequest(PoolingFields):
+    model: str | None = None  # vLLM's: the served model when absent
+    input: PoolingInputs
+    user: str | None = None
+    add_special_tokens: bool = True
+
+
+class ScoreRequest(PoolingFields):
+    """Pairs 1:1, 1:N (text_1 scored against each text_2) or N:N."""
+
+    model: str | None = None
+    text_1: Text | Texts
+    text_2: Text | Texts
+    user: str | None = None
+
+
+class RerankRequest(PoolingFields):
+    model: str | None = None
+    query: Text
+    documents: Texts
+    top_n: Annotated[int, Field(ge=0)] = 0  # 0: every document
+    user: str | None = None
+
+
+class PredictRequest(BaseModel):
+    """The seed services' /predict."""
+
+    text: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    return_probabilities: bool = False
+
+
+class PoolingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int) -> PoolingUsage:
+        return cls(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # base64: little-endian float32, as OpenAI's
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: PoolingUsage
+
+
+class SeedEmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]]
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: PoolingUsage
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: PoolingUsage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: PoolingUsage
+    results: list[RerankResult]
+
+
+class PredictResponse(BaseModel):
+    """Seed 000's fields (sentiment, confidence, probabilities by label) and seed 002's prediction (the
+    class index), with the label under its own name."""
+
+    text: str
+    label: str
+    sentiment: str
+    confidence: float
+    prediction: int
+    probabilities: dict[str, float] | None = None
 
 
 class LoadLoraRequest(BaseModel):

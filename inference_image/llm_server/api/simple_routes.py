@@ -1,4 +1,5 @@
-"""The simple API the seed services were built on: /chat, /generate, /batch, /, /health, /model/info."""
+"""The simple API the seed services were built on: /chat, /generate, /batch, /, /health, /model/info
+(/predict and /embeddings: pooling_routes)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from llm_server import __doc__ as summary
 from llm_server.api.auth import require_api_key
-from llm_server.api.dependencies import GenerationDep
+from llm_server.api.dependencies import EngineDep, GenerationDep
 from llm_server.api.errors import APIError, error_body
 from llm_server.api.generation import Generation
 from llm_server.api.schemas import (
@@ -47,7 +48,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(
         {
             "status": status,
-            "model_loaded": state.generation is not None,
+            "model_loaded": state.engine is not None,
             "model_name": request.app.state.settings.model_name,
         },
         status_code=200 if ready else 503,
@@ -60,14 +61,15 @@ async def root(request: Request) -> dict[str, str]:
 
 
 @protected.get("/model/info")
-async def model_info(request: Request, generation: GenerationDep) -> dict[str, Any]:
+async def model_info(request: Request, engine: EngineDep) -> dict[str, Any]:
     settings = request.app.state.settings
-    cards = generation.engine.models()
+    cards = engine.models()
     return {
         "model_name": settings.model_name,
         "model_path": str(settings.model),
         "adapters": {card.name: card.path for card in cards if card.parent},
-        "max_model_len": generation.engine.max_model_len,
+        "max_model_len": engine.max_model_len,
+        "task": engine.task,
         "status": "loaded",
     }
 

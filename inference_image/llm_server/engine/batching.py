@@ -40,6 +40,7 @@ from llm_server.engine.interface import (
     QueueFull,
     SamplingParams,
     StepTimes,
+    Task,
     UnknownModel,
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
@@ -265,6 +266,14 @@ class BatchingEngine:
         self._worker.start()
 
     # -- what the HTTP layer reads ------------------------------------------------------------------
+    @property
+    def task(self) -> Task:
+        return "generate"
+
+    @property
+    def tasks(self) -> frozenset[Task]:
+        return frozenset({"generate"})
+
     @property
     def base_model(self) -> str:
         return self._base_model

@@ -1,11 +1,15 @@
-"""What the HTTP layer may know of an engine: requests in, text deltas out. No torch here."""
+"""What the HTTP layer may know of an engine: requests in, text deltas (generation) or vectors (pooling:
+embed, classify, score) out. No torch here."""
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal, Protocol
+
+Task = Literal["generate", "embed", "classify", "score"]
+PoolKind = Literal["embed", "classify", "score"]
 
 
 class EngineError(Exception):
@@ -31,6 +35,10 @@ class MessagesRejected(EngineError):
 
 class AdapterError(EngineError):
     pass
+
+
+class InvalidInput(EngineError):
+    """An input the model cannot take: nothing left after tokenization, a token id outside its vocabulary."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +93,44 @@ class StepTimes:
         self.total_seconds += seconds
 
 
-class Engine(Protocol):
+@dataclasses.dataclass(frozen=True)
+class PoolInput:
+    """One tokenized input of a pooling request (a text, or a pair of texts for a cross-encoder)."""
+
+    token_ids: tuple[int, ...]
+    token_type_ids: tuple[int, ...] | None = None  # the segments of a pair, for models that take them
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingInfo:
+    """What a pooling model's outputs look like, for the checks the HTTP layer makes before admission."""
+
+    embedding_width: int | None = None  # embed: the size of its vectors
+    is_matryoshka: bool = False  # embed: `dimensions` may shorten them
+    matryoshka_dimensions: tuple[int, ...] | None = None  # embed: only to these
+    labels: tuple[str, ...] = ()  # classify and score: the classifier's labels by index
+
+
+class PoolHandle(Protocol):
+    async def result(self) -> list[list[float]]:
+        """One list per input: the embedding, the class probabilities, or [score]."""
+        ...
+
+    def cancel(self) -> None:
+        """Drops what has not been computed yet (the client left or timed out); a no-op once answered."""
+
+
+class ServingEngine(Protocol):
+    """What /health, /metrics, /v1/models, the drain and the lifespan read, whatever the task."""
+
+    @property
+    def task(self) -> Task: ...
+
+    @property
+    def tasks(self) -> frozenset[Task]:
+        """Every task it serves: its own and the companions (an embedding model also scores)."""
+        ...
+
     @property
     def base_model(self) -> str: ...
 
@@ -115,6 +160,19 @@ class Engine(Protocol):
 
     def models(self) -> list[ModelCard]: ...
 
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """(running, waiting) adapter names."""
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class Engine(ServingEngine, Protocol):
+    """Generation: prompts in, text deltas out."""
+
     def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt: ...
 
     def encode_text(self, model: str, text: str) -> Prompt: ...
@@ -125,11 +183,26 @@ class Engine(Protocol):
     def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Admits the request at once (or raises QueueFull); closing the iterator cancels the generation."""
 
-    def adapters_in_use(self) -> tuple[list[str], list[str]]:
-        """(running, waiting) adapter names."""
 
-    async def load_adapter(self, name: str, path: str) -> None: ...
+class PoolingEngine(ServingEngine, Protocol):
+    """Embed, classify, score: inputs in, one vector per input out, batched across requests."""
 
-    async def unload_adapter(self, name: str) -> None: ...
+    @property
+    def info(self) -> PoolingInfo: ...
 
-    def shutdown(self) -> None: ...
+    def encode_text(self, model: str, text: str, truncate: int | None, add_special_tokens: bool) -> PoolInput:
+        """Raises UnknownModel, ContextTooLong naming the limit and the length (unless `truncate` cuts it to
+        that many tokens) or InvalidInput."""
+        ...
+
+    def encode_ids(self, model: str, token_ids: Sequence[int], truncate: int | None) -> PoolInput:
+        """Token ids as the client sent them (no special tokens added)."""
+        ...
+
+    def encode_pair(self, model: str, first: str, second: str, truncate: int | None) -> PoolInput:
+        """A text pair for a cross-encoder, in the tokenizer's pair format."""
+        ...
+
+    def pool(self, kind: PoolKind, inputs: list[PoolInput], dimensions: int | None = None) -> PoolHandle:
+        """Admits all the inputs now, or raises QueueFull."""
+        ...

@@ -1,19 +1,28 @@
-"""Load a base model and its LoRA adapters from local directories, onto the right device."""
+"""Load a base model and its LoRA adapters, or a pooling model (embed, classify, score), from local
+directories, onto the right device."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.interface import AdapterError
 from llm_server.engine.row_adapters import RowAdapters
+from llm_server.engine.tasks import ModelTask
 
 logger = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in per-row adapter selection
@@ -126,3 +135,73 @@ def detach_adapter(loaded: LoadedModel, name: str) -> None:
         loaded.model.delete_adapter(name)
     del loaded.adapters[name]
     loaded.rows.attach(loaded.model)
+
+
+@dataclasses.dataclass
+class LoadedPoolingModel:
+    model: Any  # the bare transformer (embed) or a *ForSequenceClassification (classify, score)
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    max_model_len: int
+    task: ModelTask
+    pad_id: int
+    vocab_size: int
+    token_types: bool  # the model takes token_type_ids (BERT-likes: the segments of a pair)
+    batchable: bool  # rows can be padded together (transformers refuses a decoder classifier without pad id)
+    embedding_width: int | None = None
+
+    @property
+    def embeds(self) -> bool:
+        return self.task.pooling is not None
+
+
+UNKNOWN_LENGTH = 1_000_000  # transformers' tokenizers say 1e30 when their config names no limit
+
+
+def load_pooling_model(
+    model_dir: Path, task: ModelTask, dtype: str, device: str, max_model_len: int | None
+) -> LoadedPoolingModel:
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
+    pooling = task.pooling
+    source = model_dir / pooling.transformer_path if pooling is not None else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    auto = AutoModel if pooling is not None else AutoModelForSequenceClassification
+    model = auto.from_pretrained(source, dtype=torch_dtype)
+    model.to(target)
+    model.eval()
+    config = model.config
+    # The shortest of the position embeddings, sentence-transformers' max_seq_length (the length it was
+    # trained on, as vLLM reads it), the tokenizer's own limit and LLM_MAX_MODEL_LEN.
+    limits = [
+        getattr(config, "max_position_embeddings", None),
+        pooling.max_seq_length if pooling is not None else None,
+        tokenizer.model_max_length if tokenizer.model_max_length < UNKNOWN_LENGTH else None,
+        max_model_len,
+    ]
+    config_pad = getattr(config, "pad_token_id", None)
+    pad_id = next((pad for pad in (config_pad, tokenizer.pad_token_id) if pad is not None), 0)
+    loaded = LoadedPoolingModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=target,
+        max_model_len=min([limit for limit in limits if limit] or [2048]),  # 2048: as load_model
+        task=task,
+        pad_id=pad_id,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+        token_types="token_type_ids" in tokenizer.model_input_names
+        and "token_type_ids" in inspect.signature(model.forward).parameters,
+        batchable=pooling is not None or config_pad is not None,
+        embedding_width=config.hidden_size * len(pooling.modes) if pooling is not None else None,
+    )
+    logger.info(
+        "model loaded",
+        extra={
+            "model": str(model_dir),
+            "task": task.task,
+            "device": str(target),
+            "dtype": str(torch_dtype),
+            "max_model_len": loaded.max_model_len,
+        },
+    )
+    return loaded

@@ -1,0 +1,358 @@
+"""Batched pooling (embed, classify, score): the inputs of every client's requests are packed into padded
+batches, one forward each, in one worker thread.
+
+A request's inputs (one per text, token list or pair) join a first-come-first-served queue, longest first
+within the request so that its batches pad little. Each forward takes inputs from the front while the batch
+has fewer than LLM_MAX_BATCH_SIZE rows and its padded size (rows x the longest) stays within
+LLM_MAX_BATCH_TOKENS (pooling.batch_rows); a request larger than that spans several forwards, and a single
+input longer than the budget runs alone. A request is answered when its last input is done; one whose client
+left or timed out gives up its inputs still queued. The event loop only receives answers
+(call_soon_threadsafe), one wake-up per forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from llm_server.engine.interface import (
+    AdapterError,
+    ContextTooLong,
+    InvalidInput,
+    ModelCard,
+    PoolingInfo,
+    PoolInput,
+    PoolKind,
+    QueueFull,
+    StepTimes,
+    Task,
+    UnknownModel,
+)
+from llm_server.engine.loading import LoadedPoolingModel
+from llm_server.engine.pooling import activate, batch_rows, finish_embedding, pad_batch, pool_tokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class PoolJob:
+    kind: PoolKind
+    inputs: list[PoolInput]
+    dimensions: int | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[list[float]]]
+    order: list[int]  # indices of `inputs`, longest first
+    results: list[list[float]]
+    taken: int = 0  # of `order`, in a batch already
+    done: int = 0
+    cancelled: bool = False
+
+    def remaining(self) -> Iterator[int]:
+        """The lengths of its inputs not yet in a batch, in the order they will be taken."""
+        return (len(self.inputs[index].token_ids) for index in self.order[self.taken :])
+
+
+class PoolRequest:
+    """The answer to one request; `cancel()` (the client left or timed out) frees what is still queued."""
+
+    def __init__(self, job: PoolJob, release: Callable[[PoolJob], None]) -> None:
+        self._job, self._release = job, release
+
+    async def result(self) -> list[list[float]]:
+        return await self._job.future
+
+    def cancel(self) -> None:
+        self._release(self._job)
+
+
+def _answer(items: list[tuple[PoolJob, list[list[float]] | BaseException]]) -> None:
+    for job, answer in items:
+        if job.future.done():  # cancelled: its client is gone
+            continue
+        if isinstance(answer, BaseException):
+            job.future.set_exception(answer)
+        else:
+            job.future.set_result(answer)
+
+
+class BatchPoolingEngine:
+    def __init__(
+        self,
+        loaded: LoadedPoolingModel,
+        base_model: str,
+        max_batch_size: int,
+        max_queued: int,
+        max_batch_tokens: int,
+    ) -> None:
+        self._loaded = loaded
+        self._base_model = base_model
+        self._max_rows = max_batch_size if loaded.batchable else 1
+        self._max_queued = max_queued
+        self._max_batch_tokens = max_batch_tokens
+        task = loaded.task
+        self._info = PoolingInfo(
+            embedding_width=loaded.embedding_width,
+            is_matryoshka=task.is_matryoshka,
+            matryoshka_dimensions=task.matryoshka_dimensions,
+            labels=task.labels,
+        )
+        self._lock = threading.Lock()  # guards the queue, the started set and the jobs' counters
+        self._model_lock = threading.Lock()  # held while a forward runs
+        self._queue: collections.deque[PoolJob] = collections.deque()  # inputs not all in a batch yet
+        self._started: set[PoolJob] = set()  # inputs in a batch, not yet answered
+        self._wakeup: queue.Queue[None] = queue.Queue()
+        self._outbox: list[tuple[PoolJob, list[list[float]] | BaseException]] = []
+        self._step_times = StepTimes()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="pooling-engine", daemon=True)
+        self._worker.start()
+
+    # -- what the HTTP layer reads ------------------------------------------------------------------
+    @property
+    def task(self) -> Task:
+        return self._loaded.task.task
+
+    @property
+    def tasks(self) -> frozenset[Task]:
+        return self._loaded.task.serves
+
+    @property
+    def info(self) -> PoolingInfo:
+        return self._info
+
+    @property
+    def base_model(self) -> str:
+        return self._base_model
+
+    @property
+    def max_model_len(self) -> int:
+        return self._loaded.max_model_len
+
+    @property
+    def running(self) -> int:
+        """Requests with inputs in a forward (or done, while others of theirs wait for the next)."""
+        return len(self._started)
+
+    @property
+    def waiting(self) -> int:
+        """Requests none of whose inputs has reached a forward yet."""
+        with self._lock:
+            return self._count_waiting()
+
+    def _count_waiting(self) -> int:
+        return sum(1 for job in self._queue if job.taken == 0)
+
+    @property
+    def generated_tokens(self) -> int:
+        return 0
+
+    @property
+    def cache_usage(self) -> float:
+        """No KV cache: a forward holds its activations only while it runs."""
+        return 0.0
+
+    @property
+    def step_times(self) -> StepTimes:
+        return self._step_times
+
+    def models(self) -> list[ModelCard]:
+        return [ModelCard(self._base_model, None, "base")]
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        return [], []
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise AdapterError(f"LoRA adapters serve generation only; this model is served for {self.task}")
+
+    async def unload_adapter(self, name: str) -> None:
+        raise AdapterError(f"adapter {name!r} is not loaded")
+
+    # -- tokenization -------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self._base_model:
+            raise UnknownModel(f"The model `{model}` does not exist.")
+
+    def encode_text(self, model: str, text: str, truncate: int | None, add_special_tokens: bool) -> PoolInput:
+        self._check_model(model)
+        pooling = self._loaded.task.pooling
+        if pooling is not None and pooling.do_lower_case:  # sentence-transformers' Transformer module
+            text = text.lower()
+        encoded = self._loaded.tokenizer(
+            text, add_special_tokens=add_special_tokens, truncation=truncate is not None, max_length=truncate
+        )
+        return self._checked(encoded["input_ids"], encoded.get("token_type_ids"))
+
+    def encode_ids(self, model: str, token_ids: Sequence[int], truncate: int | None) -> PoolInput:
+        self._check_model(model)
+        vocab = self._loaded.vocab_size
+        outside = next((token for token in token_ids if not 0 <= token < vocab), None)
+        if outside is not None:
+            raise InvalidInput(f"token id {outside} is outside the model's vocabulary (0 to {vocab - 1})")
+        ids = list(token_ids)
+        if truncate is not None and len(ids) > truncate:  # as the tokenizer truncates text
+            ids = ids[-truncate:] if self._loaded.tokenizer.truncation_side == "left" else ids[:truncate]
+        return self._checked(ids, None)
+
+    def encode_pair(self, model: str, first: str, second: str, truncate: int | None) -> PoolInput:
+        self._check_model(model)
+        encoded = self._loaded.tokenizer(first, second, truncation=truncate is not None, max_length=truncate)
+        return self._checked(encoded["input_ids"], encoded.get("token_type_ids"))
+
+    def _checked(self, ids: Sequence[int], types: Sequence[int] | None) -> PoolInput:
+        limit = self.max_model_len
+        if not ids:
+            raise InvalidInput("the input is empty after tokenization; send at least one token")
+        if len(ids) > limit:
+            raise ContextTooLong(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids)} tokens in the input. Please reduce the length of the input, or set "
+                "truncate_prompt_tokens to truncate it."
+            )
+        return PoolInput(tuple(ids), tuple(types) if types is not None and self._loaded.token_types else None)
+
+    # -- admission ----------------------------------------------------------------------------------
+    def pool(self, kind: PoolKind, inputs: list[PoolInput], dimensions: int | None = None) -> PoolRequest:
+        if (kind == "embed") != self._loaded.embeds or not inputs:  # the HTTP layer routes by `tasks`
+            raise ValueError(f"a {self.task} model cannot {kind} {len(inputs)} inputs")
+        loop = asyncio.get_running_loop()
+        order = sorted(range(len(inputs)), key=lambda index: -len(inputs[index].token_ids))
+        job = PoolJob(kind, inputs, dimensions, loop, loop.create_future(), order, [[] for _ in inputs])
+        with self._lock:
+            if self._waiting_with(job) > self._max_queued:
+                raise QueueFull(self._count_waiting())
+            self._queue.append(job)
+        self._wakeup.put(None)
+        return PoolRequest(job, self._release)
+
+    def _waiting_with(self, job: PoolJob) -> int:
+        """How many requests would still wait, none of their inputs started, after the next forward with
+        `job` queued: the queue bound counts requests as the generation engine's does, not those that the
+        next forward takes (in part at least). Called under the lock."""
+        queued = [*self._queue, job]
+        rows = batch_rows(
+            itertools.chain.from_iterable(item.remaining() for item in queued),
+            self._max_rows,
+            self._max_batch_tokens,
+        )
+        waiting = 0
+        for item in queued:
+            if rows > 0:
+                rows -= len(item.order) - item.taken
+            elif item.taken == 0:
+                waiting += 1
+        return waiting
+
+    def _release(self, job: PoolJob) -> None:
+        with self._lock:
+            job.cancelled = True
+            if job in self._queue:
+                self._queue.remove(job)
+            self._started.discard(job)
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stopping:
+            if not self._queue:
+                self._wakeup.get()
+                continue
+            batch: list[tuple[PoolJob, int]] = []
+            try:
+                with self._model_lock, torch.inference_mode():
+                    with self._lock:
+                        batch = self._take()
+                    if batch:
+                        started = time.perf_counter()
+                        self._run(batch)
+                        self._step_times.observe(time.perf_counter() - started)
+            except Exception as error:  # a failure fails the requests in the forward, not the worker
+                logger.exception("pooling forward failed")
+                self._fail({job for job, _ in batch}, error)
+            finally:
+                self._flush()
+            time.sleep(0)  # let the event loop take requests and send answers before the next forward
+
+    def _take(self) -> list[tuple[PoolJob, int]]:
+        """The next forward's inputs, (job, input index), from the front of the queue. Under the lock."""
+        rows = batch_rows(
+            itertools.chain.from_iterable(job.remaining() for job in self._queue),
+            self._max_rows,
+            self._max_batch_tokens,
+        )
+        batch: list[tuple[PoolJob, int]] = []
+        while rows and self._queue:
+            job = self._queue[0]
+            count = min(rows, len(job.order) - job.taken)
+            batch += [(job, index) for index in job.order[job.taken : job.taken + count]]
+            job.taken += count
+            rows -= count
+            self._started.add(job)
+            if job.taken == len(job.order):
+                self._queue.popleft()
+        return batch
+
+    def _run(self, batch: list[tuple[PoolJob, int]]) -> None:
+        loaded = self._loaded
+        inputs = pad_batch(
+            [job.inputs[index] for job, index in batch], loaded.pad_id, loaded.token_types, loaded.device
+        )
+        output = loaded.model(**inputs)
+        if loaded.embeds:
+            pooling = loaded.task.pooling
+            assert pooling is not None
+            rows = pool_tokens(output.last_hidden_state, inputs["attention_mask"], pooling.modes)
+        else:
+            rows = output.logits.float()
+        rows = rows.cpu()
+        answers = [self._finish(job, row) for (job, _), row in zip(batch, rows, strict=True)]
+        with self._lock:
+            for (job, index), answer in zip(batch, answers, strict=True):
+                if job.cancelled:
+                    continue
+                job.results[index] = answer
+                job.done += 1
+                if job.done == len(job.inputs):
+                    self._started.discard(job)
+                    self._outbox.append((job, job.results))
+
+    def _finish(self, job: PoolJob, row: torch.Tensor) -> list[float]:
+        task = self._loaded.task
+        if job.kind == "embed":
+            normalize = task.pooling is not None and task.pooling.normalize
+            return finish_embedding(row, job.dimensions, normalize).tolist()
+        if job.kind == "classify":
+            return activate(task.classify_activation, row).tolist()
+        return activate(task.score_activation, row[:1]).tolist()
+
+    def _fail(self, jobs: set[PoolJob], error: Exception) -> None:
+        """Every request in a failed forward fails, also for its inputs still queued."""
+        with self._lock:
+            for job in jobs:
+                if job in self._queue:
+                    self._queue.remove(job)
+                self._started.discard(job)
+                self._outbox.append((job, RuntimeError(f"pooling failed: {type(error).__name__}")))
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[PoolJob, list[list[float]] | BaseException]]] = {}
+        for job, answer in items:
+            by_loop.setdefault(job.loop, []).append((job, answer))
+        for loop, answers in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is left to read these
+                loop.call_soon_threadsafe(_answer, answers)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.put(None)
+        self._worker.join(timeout=10)
