@@ -4,7 +4,8 @@ What `vllm bench serve` measures (request throughput, output tokens/s, TTFT, TPO
 latency at p50/p90/p99), for the continuous-batching engine and for the seed's one-`model.generate`-per-
 request engine, on the same bench-size model and prompts; plus, offline, one padded `model.generate` over
 the 32 prompts (the static-batch bound) and transformers' own continuous batching. Everything is measured
-in this one run and reported as ratios. Writes bench/results.json and docs/benchmarks.md.
+in this one run and reported as ratios. Then the embedding model's part (benchmarks/embeddings_bench.py).
+Writes bench/results.json and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -478,6 +479,8 @@ def main() -> int:
         "seed_measured_up_to_streams": args.skip_seed_above,
         "command": "make bench (python -m benchmarks.serving_bench " + " ".join(sys.argv[1:]) + ")",
     }
+    from benchmarks import embeddings_bench
+
     report = {
         "machine": machine,
         "results": [asdict(r) for r in results],
@@ -485,6 +488,7 @@ def main() -> int:
         "prefill_spacing": spacing,
         "offline": bounds,
         "ratios": ratios,
+        "embeddings": embeddings_bench.measure(),  # every generation server has stopped
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2))
     print("\n" + table(results))
@@ -527,6 +531,10 @@ Ratios: {json.dumps(report["ratios"])}
 
 Where the time goes, and why a target is missed when one is: `docs/performance.md`.
 """
+    if "embeddings" in report:
+        from benchmarks import embeddings_bench
+
+        text += embeddings_bench.markdown(report["embeddings"])
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
     (docs / "benchmarks.md").write_text(text)
