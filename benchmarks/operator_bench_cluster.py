@@ -48,6 +48,7 @@ from benchmarks.operator_bench_common import (
     writes,
 )
 from controlplane.cluster import Cluster
+from llmservice_operator.handlers import CHILD_RESOURCES, POD_RESOURCE
 from tests.operator.harness import eventually
 
 LLMSERVICES = "/apis/serving.llmservice.io/v1alpha1"
@@ -55,16 +56,7 @@ UNRELATED_NAMESPACE = "unrelated"
 PODS_PER_NODE = 110
 CPU_NODE_CAPACITY = {"cpu": "128", "memory": "512Gi", "ephemeral-storage": "8Ti", "pods": str(PODS_PER_NODE)}
 # What the operator lists and watches: its LLMServices, their children and their pods.
-LISTED = (
-    "llmservices",
-    "configmaps",
-    "services",
-    "deployments",
-    "horizontalpodautoscalers",
-    "poddisruptionbudgets",
-    "networkpolicies",
-    "pods",
-)
+LISTED = ("llmservices", *(plural for _, _, plural in [*CHILD_RESOURCES.values(), POD_RESOURCE]))
 # kopf's annotations on an LLMService (handlers.py gives them this prefix): its marker and the diff base
 # stay; any other is a handler's progress, there while a failed pass awaits its retry.
 KOPF_PREFIX = "serving.llmservice.io/"

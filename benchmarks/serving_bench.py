@@ -34,6 +34,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_server.demo_model import CORPUS, ModelShape, build_demo_model
+from tools.readiness import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench"
@@ -295,17 +296,9 @@ class Server:
         }
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.serve", engine], env=env, cwd=ROOT)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the {engine} server did not start")
-            time.sleep(0.2)
+        if not wait_until_ready(self.url, self.process, timeout=180):
+            self.stop()
+            raise SystemExit(f"the {engine} server did not start")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -380,4 +381,4 @@ class Cluster:
             return
         for name in reversed(list(self._state()["pids"])):
             self.stop_process(name)
-        subprocess.run(["rm", "-rf", str(self.root)], check=True)
+        shutil.rmtree(self.root)

@@ -15,14 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-import httpx
 import openai
 import yaml
+
+from tools.readiness import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / ".demo"
@@ -89,17 +89,9 @@ def serving(args: list[str], settings: dict[str, str]) -> Iterator[str]:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print(server.stderr.read() if server.stderr else "", file=sys.stderr)
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.2)
+        if not wait_until_ready(url, server, timeout=120):
+            print(server.stderr.read() if server.stderr else "", file=sys.stderr)
+            raise SystemExit("the server did not become ready")
         yield url
     finally:
         step("stopping the server (SIGTERM)")

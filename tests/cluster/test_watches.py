@@ -13,20 +13,13 @@ import urllib.parse
 import pytest
 
 from controlplane.cluster import Cluster
+from llmservice_operator.handlers import CHILD_RESOURCES, POD_RESOURCE
 from tests.cluster.conftest import Kube, llmservice
 from tests.operator.harness import eventually
 
 # What the operator owns: its managed-by value, and an instance (the owning LLMService's name).
 OWNED_SELECTOR = {"app.kubernetes.io/managed-by=llmservice-operator", "app.kubernetes.io/instance"}
-SELECTED = (
-    "pods",
-    "configmaps",
-    "services",
-    "deployments",
-    "horizontalpodautoscalers",
-    "poddisruptionbudgets",
-    "networkpolicies",
-)
+SELECTED = tuple(plural for _, _, plural in [*CHILD_RESOURCES.values(), POD_RESOURCE])
 
 
 def resource(event: dict) -> str | None:
