@@ -40,7 +40,14 @@ class ServerSettings(BaseSettings):
         65536,
         ge=16,
         description="Cache budget of the batch: prompt + max_tokens summed over its requests (embed, "
-        "classify, score: the padded tokens of one forward, its rows x the longest).",
+        "classify, score: the tokens of one forward, its rows x the longest when padded).",
+    )
+    pooling_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Embed, classify, score: forwards run at once, each on one CPU thread (on a shared "
+        "machine one thread each beats all threads on one forward: no thread waits for a preempted "
+        "sibling); default: torch's thread count on a CPU, 1 on a GPU; 1: one forward on all threads.",
     )
     max_prefill_tokens: int | None = Field(
         None,

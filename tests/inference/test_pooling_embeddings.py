@@ -103,7 +103,7 @@ def concurrently(server: RunningServer, texts: list[str]) -> list[np.ndarray]:
     return [results[index] for index in range(len(texts))]
 
 
-def test_32_clients_at_once_are_one_padded_batch_with_sentence_transformers_results(
+def test_32_clients_at_once_are_one_forward_with_sentence_transformers_results(
     minilm: RunningServer,
     reference,
     tokenizer,
@@ -113,7 +113,7 @@ def test_32_clients_at_once_are_one_padded_batch_with_sentence_transformers_resu
     engine = minilm.app.state.server.engine
     forwards = minilm.metric("llm_engine_step_duration_seconds_count", {"model_name": MODEL}) or 0
     results: list[np.ndarray] = []
-    with engine._model_lock:  # the worker waits: all 32 requests are queued when it runs
+    with engine._intake:  # no worker takes inputs: all 32 requests are queued when one does
         sender = threading.Thread(target=lambda: results.extend(concurrently(minilm, texts)))
         sender.start()
         deadline = time.monotonic() + 30
@@ -124,9 +124,9 @@ def test_32_clients_at_once_are_one_padded_batch_with_sentence_transformers_resu
     similarity = cosines(np.array(results), reference.encode(texts))
     assert similarity.min() >= 0.9999, similarity
     batched = (minilm.metric("llm_engine_step_duration_seconds_count", {"model_name": MODEL}) or 0) - forwards
-    assert batched == 1, "32 requests of 8 to 62 tokens, one forward padded to 62"
+    assert batched == 1, "32 requests of 8 to 62 tokens, one packed forward"
     figure(
-        "32 clients, 8-62 tokens, one padded forward: cosine to sentence-transformers "
+        "32 clients, 8-62 tokens, one packed forward: cosine to sentence-transformers "
         f">= 1 - {1 - similarity.min():.1e}"
     )
 

@@ -53,7 +53,7 @@ def test_the_queue_bound_is_429_with_retry_after() -> None:
                 httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": f"text {index}"})
             )
 
-        with engine._model_lock:  # no forward runs: every request stays queued
+        with engine._intake:  # no forward starts: every request stays queued
             senders = [threading.Thread(target=send, args=(index,)) for index in range(8)]
             for sender in senders:
                 sender.start()
@@ -87,7 +87,7 @@ def test_a_client_that_leaves_stops_its_forwards(figure) -> None:  # type: ignor
 def test_a_client_that_leaves_while_queued_costs_no_forward() -> None:
     with running_server(MINILM, served_model_name=MODEL) as server:
         engine, before = server.app.state.server.engine, forwards(server)
-        with engine._model_lock:
+        with engine._intake:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(
                     f"{server.url}/v1/embeddings", json={"model": MODEL, "input": BIG[:10]}, timeout=0.3

@@ -4,7 +4,7 @@ routes of the model's tasks)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, get_args
 
 from fastapi import Depends, Request
@@ -34,7 +34,8 @@ def _serving(request: Request) -> ServerState:
     return state
 
 
-def get_engine(request: Request) -> ServingEngine:
+# The dependencies are coroutines: FastAPI runs a plain function's in its thread pool, a hop per request.
+async def get_engine(request: Request) -> ServingEngine:
     return _serving(request).engine
 
 
@@ -47,15 +48,15 @@ def _not_served(request: Request, engine: ServingEngine, task: Task) -> APIError
     )
 
 
-def get_generation(request: Request) -> Generation:
+async def get_generation(request: Request) -> Generation:
     state = _serving(request)
     if state.generation is None:
         raise _not_served(request, state.engine, "generate")
     return state.generation
 
 
-def pooling_for(task: Task) -> Callable[[Request], Pooling]:
-    def get_pooling(request: Request) -> Pooling:
+def pooling_for(task: Task) -> Callable[[Request], Awaitable[Pooling]]:
+    async def get_pooling(request: Request) -> Pooling:
         state = _serving(request)
         if state.pooling is None or task not in state.engine.tasks:
             raise _not_served(request, state.engine, task)

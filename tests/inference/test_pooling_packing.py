@@ -1,0 +1,132 @@
+"""Packing several inputs into one row of an embedding model's forward: how inputs are grouped, and that a
+packed forward embeds each input as a forward of it alone does, on the real all-MiniLM-L6-v2; models whose
+positions or attention packing would change are padded instead; forwards on several workers at once."""
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel
+
+from llm_server.engine.interface import PoolInput
+from llm_server.engine.loading import LoadedPoolingModel, load_pooling_model
+from llm_server.engine.pooling import batch_rows, pack_rows, packed_batch
+from llm_server.engine.pooling_engine import BatchPoolingEngine, _forward, _packing_agrees
+from llm_server.engine.tasks import resolve_task
+from tests.inference.pooling_models import MINILM, sentence
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_rows", "max_tokens", "rows"),
+    [
+        ([4, 20, 4, 4], 32, 40, 4),  # their own 32 tokens, where padding would cost 4 x 20
+        ([10, 10, 10, 10], 32, 30, 3),
+        ([500, 1], 32, 64, 1),  # longer than the budget: alone
+        ([5, 5, 5], 2, 1000, 2),  # the row limit counts inputs
+    ],
+)
+def test_packed_forwards_count_real_tokens(
+    lengths: list[int], max_rows: int, max_tokens: int, rows: int
+) -> None:
+    assert batch_rows(lengths, max_rows, max_tokens, packed=True) == rows
+
+
+def test_pack_rows_fits_longest_first_and_gives_an_overlong_input_its_own_row() -> None:
+    rows = pack_rows([30, 100, 60, 40, 200, 10], width=128)
+    assert rows == [[4], [1, 5], [2, 3], [0]]
+    assert sorted(index for row in rows for index in row) == list(range(6))
+
+
+def test_packed_batch_restarts_positions_and_keeps_each_input_to_itself() -> None:
+    inputs = [PoolInput((1, 2, 3), (0, 0, 1)), PoolInput((4, 5), None), PoolInput((6, 7, 8, 9, 10, 11), None)]
+    batch, where, mask = packed_batch(inputs, 99, True, torch.float32, torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [
+        [6, 7, 8, 9, 10, 11],
+        [1, 2, 3, 4, 5, 99],
+    ]  # as wide as the longest
+    assert batch["position_ids"][1, :5].tolist() == [0, 1, 2, 0, 1]
+    assert batch["token_type_ids"][1, :5].tolist() == [0, 0, 1, 0, 0]
+    attends = batch["attention_mask"][1, 0] == 0
+    assert attends[:3, :3].all() and not attends[:3, 3:].any()  # the first input sees itself only
+    assert attends[3:5, 3:5].all() and not attends[3:5, :3].any() and not attends[3:5, 5:].any()
+    assert attends[5].tolist() == [False] * 5 + [True]  # padding sees itself: never a row of -inf (NaN)
+    assert (batch["attention_mask"][0] == 0).all()
+    assert where.tolist() == [[6, 7, 8, 0, 0, 0], [9, 10, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1] * 6]
+
+
+def loaded_embedder(model_dir: Path) -> LoadedPoolingModel:
+    return load_pooling_model(model_dir, resolve_task(model_dir, "embed"), "float32", "cpu", None)
+
+
+def inputs_for(loaded: LoadedPoolingModel, texts: list[str]) -> list[PoolInput]:
+    encoded = [loaded.tokenizer(text) for text in texts]
+    return [
+        PoolInput(tuple(e["input_ids"]), tuple(e["token_type_ids"]) if loaded.token_types else None)
+        for e in encoded
+    ]
+
+
+def test_a_packed_forward_of_the_real_model_embeds_each_input_as_alone() -> None:
+    loaded = loaded_embedder(MINILM)
+    assert _packing_agrees(loaded)
+    # 8 to 200 tokens: several inputs share a row as wide as the longest.
+    inputs = inputs_for(
+        loaded, [sentence(words, start=words) for words in (6, 60, 198, 20, 33, 6, 90, 12, 150)]
+    )
+    with torch.inference_mode():
+        packed = _forward(loaded, inputs, packed=True)
+        alone = torch.cat([_forward(loaded, [item], packed=False) for item in inputs])
+    assert len(pack_rows([len(item.token_ids) for item in inputs], 200)) < len(inputs)
+    assert torch.nn.functional.cosine_similarity(packed, alone).min() >= 0.99999
+
+
+def small_tokenizer_model(out: Path, model: torch.nn.Module) -> Path:
+    model.eval().save_pretrained(out)
+    AutoTokenizer.from_pretrained(MINILM).save_pretrained(out)
+    return out
+
+
+def test_models_that_packing_would_change_are_padded(tmp_path: Path) -> None:
+    vocab = AutoTokenizer.from_pretrained(MINILM).vocab_size
+    shape = {"vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    torch.manual_seed(0)
+    # RoBERTa numbers positions from pad id + 1; a decoder's attention is causal: a packed row breaks both.
+    roberta = RobertaModel(
+        RobertaConfig(**shape, intermediate_size=64, pad_token_id=0, max_position_embeddings=130)
+    )
+    llama = LlamaModel(LlamaConfig(**shape, intermediate_size=64, num_key_value_heads=4, pad_token_id=0))
+    for name, model in (("roberta", roberta), ("llama", llama)):
+        loaded = loaded_embedder(small_tokenizer_model(tmp_path / name, model))
+        assert not _packing_agrees(loaded), name
+
+
+def test_two_workers_each_on_one_thread_answer_every_request_and_give_the_threads_back() -> None:
+    loaded = loaded_embedder(MINILM)
+    inputs = inputs_for(loaded, [sentence(words, start=words) for words in range(6, 40, 2)])
+    with torch.inference_mode():
+        alone = torch.cat([_forward(loaded, [item], packed=False) for item in inputs])
+    threads = torch.get_num_threads()
+
+    async def embed_all() -> list[list[float]]:
+        engine = BatchPoolingEngine(
+            loaded, "m", max_batch_size=4, max_queued=100, max_batch_tokens=65536, workers=2
+        )
+        try:
+            assert torch.get_num_threads() == 1
+            workers = [thread for thread in threading.enumerate() if thread.name.startswith("pooling-engine")]
+            assert len(workers) == 2
+            with engine._intake:  # all queued before a worker takes any: forwards of 4, two at a time
+                requests = [engine.pool("embed", [item]) for item in inputs]
+            answers = await asyncio.gather(*(request.result() for request in requests))
+            assert sum(engine.step_times.counts) == 5  # 17 inputs, 4 a forward
+            return [answer[0] for answer in answers]
+        finally:
+            engine.shutdown()
+
+    served = torch.tensor(asyncio.run(embed_all()))
+    assert torch.get_num_threads() == threads
+    normalized = torch.nn.functional.normalize(alone, dim=-1)
+    assert torch.nn.functional.cosine_similarity(served, normalized).min() >= 0.99999
