@@ -29,8 +29,16 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's own.")
-    max_new_tokens: int = Field(1024, ge=1, description="Most tokens one request may generate.")
-    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request names no limit.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Most tokens one request may generate; default: the rest of the context."
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens generated when a request names no limit; default: the rest of the context, as "
+        "vLLM (each request holds prompt + max_tokens of LLM_MAX_BATCH_TOKENS while it runs: on a long "
+        "context set this lower).",
+    )
     max_batch_size: int = Field(
         32,
         ge=1,

@@ -15,7 +15,14 @@ from typing import cast
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from llm_server.api import health_routes, lora_routes, openai_routes, pooling_routes, simple_routes
+from llm_server.api import (
+    health_routes,
+    lora_routes,
+    openai_routes,
+    pooling_routes,
+    simple_routes,
+    tokenize_routes,
+)
 from llm_server.api.errors import install_error_handlers
 from llm_server.api.generation import Generation
 from llm_server.api.metrics import ServerMetrics
@@ -143,6 +150,7 @@ def create_app(
     app.include_router(simple_routes.protected)
     app.include_router(openai_routes.router)
     app.include_router(pooling_routes.router)
+    app.include_router(tokenize_routes.router)
     if settings.enable_runtime_lora:
         app.include_router(lora_routes.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)

@@ -76,27 +76,55 @@ class Generation:
             raise from_engine_error(error) from None
 
     def params(self, prompt: Prompt, max_tokens: int | None, fields: SamplingFields) -> SamplingParams:
-        if max_tokens is not None and max_tokens > self._settings.max_new_tokens:
-            raise APIError(
-                400,
-                f"max_tokens must be at most {self._settings.max_new_tokens}; got {max_tokens}",
-                param="max_tokens",
-            )
+        """The engine's parameters for one request: without max_tokens it may use the rest of the context
+        (as vLLM), or LLM_DEFAULT_MAX_TOKENS where set; LLM_MAX_NEW_TOKENS, where set, caps either."""
+        cap = self._settings.max_new_tokens
+        if max_tokens is not None and cap is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens must be at most {cap}; got {max_tokens}", param="max_tokens")
         room = self.engine.max_model_len - len(prompt.token_ids)
-        chosen = (
-            max_tokens if max_tokens is not None else max(min(self._settings.default_max_tokens, room), 1)
-        )
+        if max_tokens is None:
+            limits = [room, self._settings.default_max_tokens, cap]
+            max_tokens = max(min(limit for limit in limits if limit is not None), 1)
         try:
-            self.engine.check_budget(prompt, chosen)
+            self.engine.check_budget(prompt, max_tokens)
         except EngineError as error:
             raise from_engine_error(error) from None
+        if fields.min_tokens > max_tokens:
+            raise APIError(
+                400, f"min_tokens ({fields.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens"
+            )
+        vocab = self.engine.vocab_size
+        if fields.min_tokens and len(set(fields.stop_token_ids or ())) >= vocab - 1:
+            raise APIError(
+                400, "stop_token_ids leave no token to generate before min_tokens", param="stop_token_ids"
+            )
+        biases = fields.logit_biases()
+        for name, ids in (
+            ("logit_bias", [token for token, _ in biases]),
+            ("stop_token_ids", fields.stop_token_ids),
+        ):
+            outside = next((token for token in ids or () if token >= vocab), None)
+            if outside is not None:
+                raise APIError(
+                    400,
+                    f"token id {outside} is outside the model's vocabulary (0 to {vocab - 1})",
+                    param=name,
+                )
         return SamplingParams(
-            max_tokens=chosen,
+            max_tokens=max_tokens,
             temperature=fields.temperature,
             top_p=fields.top_p,
+            top_k=max(fields.top_k, 0),
+            min_p=fields.min_p,
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
             stop=fields.stop_strings(),
+            stop_token_ids=tuple(fields.stop_token_ids or ()),
+            min_tokens=fields.min_tokens,
+            repetition_penalty=fields.repetition_penalty,
+            presence_penalty=fields.presence_penalty,
+            frequency_penalty=fields.frequency_penalty,
+            logit_bias=biases,
         )
 
     def start(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:

@@ -16,7 +16,7 @@ from llm_server.logs import request_id
 
 logger = logging.getLogger("llm_server.access")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-QUIET_PATHS = {"/health/live", "/health/ready", "/metrics"}
+QUIET_PATHS = {"/health/live", "/health/ready", "/ping", "/metrics"}
 
 
 class RequestContext:

@@ -24,6 +24,7 @@ from llm_server.api.schemas import (
     error_responses,
 )
 from llm_server.api.streaming import event_json, event_stream
+from llm_server.api.vllm_fields import check_fields
 from llm_server.engine.interface import Prompt, SamplingParams
 
 router = APIRouter(
@@ -70,6 +71,7 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, generation: GenerationDep
 ) -> dict[str, Any] | EventSourceResponse:
+    check_fields(body.model_extra or {}, "chat")
     _only_one_choice(body.n)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
     prompt = await generation.encode_chat(body.model, messages)
@@ -156,6 +158,7 @@ def _chat_stream(
 async def completions(
     body: CompletionRequest, request: Request, generation: GenerationDep
 ) -> dict[str, Any] | EventSourceResponse:
+    check_fields(body.model_extra or {}, "completions")
     _only_one_choice(body.n)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     prompt = await generation.encode_text(body.model, text)

@@ -32,19 +32,46 @@ class _Request(BaseModel):
 
 
 class SamplingFields(_Request):
+    """OpenAI's sampling fields and vLLM's extensions, with vLLM's bounds and defaults."""
+
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1: every token
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     # A 64-bit seed, as torch's generators take: a larger one is a 400 here, not a failed generation later.
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    # Bounded so that logits / penalty stays finite (a penalty of 1e-300 made every logit inf: NaN)
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] = 1.0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    # OpenAI's shape: token ids as strings, biases within [-100, 100]
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None
+    ) = None
 
-    @field_validator("temperature", "top_p")
+    @field_validator(
+        "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+    )
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids; {key[:40]!r} is not one")
+        return value
+
+    def logit_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items())
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -74,27 +101,27 @@ class StreamOptions(BaseModel):
 
 class OpenAIFields(SamplingFields):
     """What both OpenAI endpoints share, with the OpenAI features this server does not implement: a request
-    that asks for one is a 400 naming it, not a 200 that quietly lacks it (vLLM implements them)."""
+    that asks for one is a 400 naming it, not a 200 that quietly lacks it (vLLM implements them). Fields it
+    does not declare are kept (`model_extra`) for vllm_fields.check_fields."""
+
+    model_config = ConfigDict(extra="allow")
 
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
-    @field_validator("presence_penalty", "frequency_penalty", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
     def _zero_only(cls, value: float | None) -> float | None:
         if value:
             raise ValueError("is not supported by this server (only 0)")
         return value
 
-    @field_validator("logit_bias", "tools", "logprobs")
+    @field_validator("tools", "logprobs")
     @classmethod
     def _absent_only(cls, value: Any) -> Any:
         if value:  # empty, false or 0 asks for nothing

@@ -9,7 +9,10 @@ from starlette.types import Receive, Scope, Send
 
 from llm_server.api.generation import ObservedStream
 
-PING_SECONDS = 15
+# vLLM's framing: `data: <json>\n\n` per event, nothing else. sse-starlette's defaults (\r\n line ends, a
+# `: ping` comment every 15 s) trip clients that split events on "\n\n" or take every line for data;
+# ping=0 starts no ping task, however long the stream.
+SEPARATOR, NO_PING = "\n", 0
 # Valid inside JSON strings and not SSE line ends, but line ends to str.splitlines and so to clients
 # that split lines that way (httpx's aiter_lines does): a generated NEL or U+2028 would cut the event.
 _LINE_ENDS_TO_SOME = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -29,7 +32,7 @@ class GenerationEvents(EventSourceResponse):
     the release happens around the whole response, not inside the generator)."""
 
     def __init__(self, events: AsyncIterator[dict[str, str]], deltas: ObservedStream) -> None:
-        super().__init__(events, ping=PING_SECONDS)
+        super().__init__(events, ping=NO_PING, sep=SEPARATOR)
         self._deltas = deltas
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

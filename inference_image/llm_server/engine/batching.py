@@ -44,6 +44,7 @@ from llm_server.engine.interface import (
     UnknownModel,
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
+from llm_server.engine.logits_adjust import LogitsState, adjust_rows
 from llm_server.engine.sampling import make_generator, sample_rows
 from llm_server.engine.slots import PromptPart, SlotCache
 from llm_server.engine.stops import StopMatcher
@@ -115,6 +116,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the cache; below the prompt's length it is not decoding yet
     chunk: int = 0  # prompt tokens per step when its prompt is prefilled in chunks (0: at once)
     produced: int = 0
+    logits_state: LogitsState | None = None  # penalties, logit bias, min_tokens: only if it asks
 
     def delta(self, text: str, finish_reason: str | None = None) -> Delta:
         """The delta of the token just sampled."""
@@ -277,6 +279,14 @@ class BatchingEngine:
     @property
     def base_model(self) -> str:
         return self._base_model
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._loaded.model.config.vocab_size)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded.tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -496,6 +506,11 @@ class BatchingEngine:
             length=len(job.prompt.token_ids),
             next_token=0,  # sampled by the step that prefills it
             chunk=chunk if len(job.prompt.token_ids) > chunk > 0 else 0,
+            logits_state=LogitsState(
+                job.params, job.prompt.token_ids, self._loaded.end_ids, self.vocab_size, self._loaded.device
+            )
+            if job.params.adjusts_logits
+            else None,
         )
 
     def _step(self, newcomers: list[Sequence]) -> bool:
@@ -536,8 +551,11 @@ class BatchingEngine:
             sequence.prefilled += part.length
         finished = []
         params, generators = [s.job.params for s in stepped], [s.generator for s in stepped]
+        logits = adjust_rows(logits, [s.logits_state for s in stepped])
         for sequence, token in zip(stepped, sample_rows(logits, params, generators), strict=True):
             sequence.next_token = token
+            if sequence.logits_state is not None:
+                sequence.logits_state.observe(token)
             if self._emit(sequence):
                 finished.append(sequence)
         if finished:
@@ -552,7 +570,10 @@ class BatchingEngine:
         sequence.produced += 1
         self._generated_tokens += 1
         stops, detokenizer = sequence.stops, sequence.detokenizer
-        if token in self._loaded.end_ids and not job.params.ignore_eos:
+        ends = token in job.params.stop_token_ids or (
+            token in self._loaded.end_ids and not job.params.ignore_eos
+        )
+        if ends:  # as vLLM: the ending token's text is not part of the output
             job.emit(sequence.delta(stops.feed(detokenizer.flush()) + stops.flush(), "stop"))
             return True
         text = stops.feed(detokenizer.push(token))

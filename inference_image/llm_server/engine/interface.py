@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Task = Literal["generate", "embed", "classify", "score"]
 PoolKind = Literal["embed", "classify", "score"]
@@ -43,12 +43,33 @@ class InvalidInput(EngineError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """vLLM's sampling parameters, with its defaults (each off unless set)."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # until then, neither an end-of-generation token nor a stop token is sampled
+    repetition_penalty: float = 1.0  # on tokens of the prompt and the output (as vLLM and transformers)
+    presence_penalty: float = 0.0  # on tokens of the output (as OpenAI and vLLM)
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether its row's logits change before sampling (rows that do not skip that work)."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +159,11 @@ class ServingEngine(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (transformers'), for /tokenize's token strings and /detokenize."""
+        ...
+
+    @property
     def running(self) -> int: ...
 
     @property
@@ -172,6 +198,11 @@ class ServingEngine(Protocol):
 
 class Engine(ServingEngine, Protocol):
     """Generation: prompts in, text deltas out."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of its logits: token ids below it may be biased, stopped on or sent."""
+        ...
 
     def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt: ...
 

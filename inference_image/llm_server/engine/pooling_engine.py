@@ -33,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -203,6 +204,10 @@ class BatchPoolingEngine:
     @property
     def base_model(self) -> str:
         return self._base_model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded.tokenizer
 
     @property
     def max_model_len(self) -> int:

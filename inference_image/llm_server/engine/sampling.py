@@ -1,4 +1,5 @@
-"""Next-token choice from logits: greedy at temperature 0, else temperature and nucleus (top_p) sampling."""
+"""Next-token choice from logits: greedy at temperature 0, else temperature, then vLLM's filters (min_p, then
+top_k and top_p on what is left) and a draw."""
 
 import torch
 
@@ -15,25 +16,47 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def nucleus_probabilities(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+def filtered_probabilities(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows of `logits` (rows, vocab) as probabilities after temperature, cut to each row's top_p nucleus."""
+    """Rows of `logits` (rows, vocab) as probabilities after temperature, with each row's filters: min_p
+    drops tokens below min_p x its most likely one's probability, top_k keeps its k most likely (0: all),
+    top_p the smallest nucleus of what is left holding top_p of its mass. Unnormalized (for multinomial)."""
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
-    if bool((top_p < 1.0).any()):
+    if min_p is not None and bool((min_p > 0).any()):
+        floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    cut_k = top_k is not None and bool((top_k > 0).any())
+    if cut_k or bool((top_p < 1.0).any()):
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p[:, None]
-        sorted_probs[outside] = 0.0
+        if cut_k:
+            assert top_k is not None
+            ranks = torch.arange(probs.shape[-1], device=probs.device)
+            sorted_probs[(ranks[None, :] >= top_k[:, None]) & (top_k[:, None] > 0)] = 0.0
+        mass = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        sorted_probs[torch.cumsum(mass, dim=-1) - mass > top_p[:, None]] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs
+
+
+def _filters(params: list[SamplingParams], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.tensor([p.temperature for p in params], device=device),
+        torch.tensor([p.top_p for p in params], device=device),
+        torch.tensor([p.top_k for p in params], device=device),
+        torch.tensor([p.min_p for p in params], device=device),
+    )
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """`logits`: the last position's scores, shape (vocab,)."""
     if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits).item())
-    one = torch.tensor([params.temperature], device=logits.device)
-    probs = nucleus_probabilities(logits[None], one, torch.tensor([params.top_p], device=logits.device))
+    probs = filtered_probabilities(logits[None], *_filters([params], logits.device))
     return int(torch.multinomial(probs[0], 1, generator=generator).item())
 
 
@@ -50,11 +73,9 @@ def sample_rows(
         if p.temperature >= GREEDY_BELOW and generator is None
     ]
     if pooled:
-        device = logits.device
-        temperature = torch.tensor([params[row].temperature for row in pooled], device=device)
-        top_p = torch.tensor([params[row].top_p for row in pooled], device=device)
-        index = torch.tensor(pooled, device=device)
-        probs = nucleus_probabilities(logits.index_select(0, index), temperature, top_p)
+        index = torch.tensor(pooled, device=logits.device)
+        filters = _filters([params[row] for row in pooled], logits.device)
+        probs = filtered_probabilities(logits.index_select(0, index), *filters)
         for row, token in zip(pooled, torch.multinomial(probs, 1)[:, 0].tolist(), strict=True):
             tokens[row] = token
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
