@@ -117,7 +117,9 @@ async def event_lines(response: httpx.Response) -> AsyncIterator[str]:
         yield pending
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> dict[str, Any]:
+async def one_request(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     body = {
         "model": model,
         "prompt": prompt,
@@ -128,6 +130,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, m
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     started = time.perf_counter()
     arrivals: list[float] = []
@@ -154,9 +157,10 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, m
 
 
 async def drive(
-    url: str, jobs: list[tuple[str, int, str]], concurrency: int
+    url: str, jobs: list[tuple[str, int, str]], concurrency: int, extra: dict[str, Any] | None = None
 ) -> tuple[list[dict[str, Any]], float]:
-    """A closed loop: `concurrency` clients, each sending its next request when the last one finished."""
+    """A closed loop: `concurrency` clients, each sending its next request when the last one finished;
+    `extra`: fields added to every request."""
     pending = list(jobs)
     results: list[dict[str, Any]] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -165,7 +169,7 @@ async def drive(
         async def worker() -> None:
             while pending:
                 prompt, max_tokens, model = pending.pop()
-                results.append(await one_request(client, prompt, max_tokens, model))
+                results.append(await one_request(client, prompt, max_tokens, model, extra))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -274,6 +278,61 @@ def spacing_runs(urls: dict[str, str], fixed: list[str], mixed: list[str]) -> di
             }
     for name, figure in figures.items():
         print(f"  8 streams, {name}: {figure}", flush=True)
+    return figures
+
+
+# Every request of a run asks for one of these; the schema's strings and arrays are bounded so that a
+# random model under the grammar's mask finishes its JSON within the output tokens (a longer run would
+# only reach `length`).
+FEATURES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "json_schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "record",
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 24},
+                        "tags": {
+                            "type": "array",
+                            "items": {"type": "string", "maxLength": 12},
+                            "maxItems": 3,
+                        },
+                        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+                    },
+                    "required": ["name", "tags", "score"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    },
+    "logprobs_5": {"logprobs": 5},
+}
+
+
+def feature_runs(url: str, fixed: list[str], concurrency: int = 32) -> dict[str, Any]:
+    """Output tokens/s at `concurrency` streams with every request plain, under a JSON schema, or asking for
+    5 log probabilities a token, taking turns (plain, schema, logprobs, logprobs, schema, plain), pooled."""
+    jobs = [(fixed[i % len(fixed)], OUTPUT_TOKENS, "bench") for i in range(concurrency * 4)]
+    pooled: dict[str, tuple[list[dict[str, Any]], float]] = {}
+    for name in ["plain", "json_schema", "logprobs_5", "logprobs_5", "json_schema", "plain"]:
+        runs, duration = asyncio.run(drive(url, jobs, concurrency, FEATURES[name]))
+        earlier, spent = pooled.get(name, ([], 0.0))
+        pooled[name] = (earlier + runs, spent + duration)
+    rates = {name: summarize("batching", name, concurrency, *run) for name, run in pooled.items()}
+    figures: dict[str, Any] = {
+        name: {"output_tokens_per_s": r.output_tokens_per_s, "tpot_p50_ms": r.tpot_ms["p50"]}
+        for name, r in rates.items()
+    }
+    plain = rates["plain"].output_tokens_per_s
+    figures["ratios"] = {
+        "json_schema_vs_plain": round(rates["json_schema"].output_tokens_per_s / plain, 2),
+        "logprobs_5_vs_plain": round(rates["logprobs_5"].output_tokens_per_s / plain, 2),
+    }
+    figures["targets"] = {"json_schema_vs_plain": 0.8, "logprobs_5_vs_plain": 0.9}
+    print(f"  {concurrency} streams with request features: {json.dumps(figures)}", flush=True)
     return figures
 
 
@@ -429,6 +488,7 @@ def main() -> int:
         results.append(summarize("batching", "mixed+adapters", 32, runs, duration))
         print(table(results[-1:]).splitlines()[-1], flush=True)
         long_prompts["chunked"] = long_prompt_run(url, "chunked (default)", fixed, long)
+        features = feature_runs(url, fixed)
     with contextlib.ExitStack() as running:
         urls = {}
         for label, steps in ((SPACED, "1"), (BACK_TO_BACK, "0")):  # explicit: a GPU's default is 0
@@ -480,6 +540,7 @@ def main() -> int:
         "long_prompts": long_prompts,
         "prefill_spacing": spacing,
         "offline": bounds,
+        "request_features_at_32": features,
         "ratios": ratios,
         "embeddings": embeddings_bench.measure(),  # every generation server has stopped
     }
@@ -519,6 +580,10 @@ Offline on the same 32 prompts: {json.dumps(report["offline"])}
 
 8 streams with a decoding-only step after each prefill (default on a CPU) and with prefills back to back
 (`LLM_DECODE_STEPS_BETWEEN_PREFILLS=0`), equal lengths and mixed: {json.dumps(report["prefill_spacing"])}
+
+32 streams of the fixed scenario with every request plain, under a `json_schema` response format, or with
+`logprobs: 5` (turns: plain, schema, logprobs, logprobs, schema, plain; pooled):
+{json.dumps(report.get("request_features_at_32"))}
 
 Ratios: {json.dumps(report["ratios"])}
 

@@ -101,13 +101,24 @@ def test_a_request_whose_adapter_is_unloaded_while_it_waits_is_404(demo: tuple[P
         ({**CHAT, "temperature": -1}, "temperature"),
         ({**CHAT, "top_p": 1.5}, "top_p"),
         ({**CHAT, "max_tokens": 0}, "max_tokens"),
-        ({"messages": CHAT["messages"]}, "model"),
-        ({**CHAT, "n": 2}, "n"),
+        ({**CHAT, "n": 0}, "n"),
+        ({"model": "tiny", "prompt": [1, "x"]}, "prompt"),  # not a pydantic branch name such as prompt.str
+        ({"model": "tiny", "prompt": ""}, "prompt"),
     ],
 )
 def test_malformed_bodies_are_400_naming_the_field(server: RunningServer, body: dict, param: str) -> None:
-    error = assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=body), 400)
+    route = "completions" if "prompt" in body else "chat/completions"
+    error = assert_error(httpx.post(f"{server.url}/v1/{route}", json=body), 400)
     assert error["param"] == param
+
+
+def test_without_model_the_served_model_answers_as_in_vllm(server: RunningServer) -> None:
+    for route, body in (
+        ("chat/completions", {"messages": CHAT["messages"]}),
+        ("completions", {"prompt": "Hi"}),
+    ):
+        answer = httpx.post(f"{server.url}/v1/{route}", json={**body, "max_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["model"] == "tiny", answer.text
 
 
 def test_not_json_and_not_a_number(server: RunningServer) -> None:
@@ -311,15 +322,14 @@ def test_a_chat_template_that_refuses_the_messages_is_400(demo: tuple[Path, Path
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
     ],
 )
 def test_openai_features_this_server_lacks_are_400_naming_them(
     server: RunningServer, fields: dict, param: str
 ) -> None:
-    """A 200 without them would look like success: JSON mode returning prose, logprobs null."""
+    """A 200 without them would look like success: tools never called, a structural tag ignored."""
     error = assert_error(
         httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, **fields}), 400, "not supported"
     )

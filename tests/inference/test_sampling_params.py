@@ -269,3 +269,58 @@ def test_fields_neither_server_knows_are_ignored_and_logged(
     logged = [record.getMessage() for record in caplog.records if record.name == "llm_server.api.vllm_fields"]
     assert logged == ["the request's fields ['my_own_field'] are unknown and were ignored"]
     assert "secret value" not in caplog.text
+
+
+def reference_logprobs(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """transformers' own forward over the whole sequence: row i is the distribution of token i + 1."""
+    with torch.inference_mode(), transformers_sdpa(loaded):
+        logits = loaded.model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_and_prompt_logprobs_in_the_batch_equal_a_forward_alone(loaded: LoadedModel) -> None:
+    # Chunks of 7 prompt tokens: the prompt's log probabilities span several steps of the batch.
+    engine = BatchingEngine(
+        loaded, "tiny", max_batch_size=8, max_queued=16, max_batch_tokens=4096, prefill_chunk_tokens=7
+    )
+    long = encoded(loaded, "Serving language models on Kubernetes: replicas, GPUs, adapters and autoscaling")
+    short = encoded(loaded, "Hi there")
+    asking = SamplingParams(6, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    try:
+
+        async def scenario() -> list[list]:  # type: ignore[type-arg]
+            runs = [
+                collect(engine, long, asking),
+                collect(engine, short, SamplingParams(6, temperature=0, ignore_eos=True)),
+                collect(engine, short, SamplingParams(0, prompt_logprobs=0)),  # lm-eval's scoring request
+            ]
+            return list(await asyncio.gather(*runs))
+
+        scored, plain, prompt_only = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    generated = tokens(scored)
+    expected = reference_logprobs(loaded, [*long.token_ids, *generated])
+    prompt = scored[0].prompt_logprobs
+    assert prompt is not None and prompt[0] is None and len(prompt) == len(long.token_ids)
+    for index, item in enumerate(prompt[1:], start=1):
+        assert item is not None and item.token_id == long.token_ids[index]
+        row = expected[index - 1]
+        assert abs(item.logprob - row[item.token_id].item()) < 1e-4
+        assert item.rank == int((row > row[item.token_id]).sum()) + 1
+        assert [token for token, _ in item.top] == row.topk(2).indices.tolist()
+    offset = len(long.token_ids) - 1
+    for step, delta in enumerate(scored):
+        (item,) = delta.logprobs
+        row = expected[offset + step]
+        assert item.token_id == generated[step] == int(row.argmax())  # greedy: the most likely, rank 1
+        assert abs(item.logprob - row.max().item()) < 1e-4 and item.rank == 1
+        assert [token for token, _ in item.top] == row.topk(3).indices.tolist()
+    assert all(not delta.logprobs and delta.prompt_logprobs is None for delta in plain)
+    (only,) = prompt_only
+    assert (only.completion_tokens, only.finish_reason, only.token_ids) == (0, "length", ())
+    short_expected = reference_logprobs(loaded, list(short.token_ids))
+    assert only.prompt_logprobs is not None and len(only.prompt_logprobs) == len(short.token_ids)
+    for index, item in enumerate(only.prompt_logprobs[1:], start=1):
+        assert item is not None and not item.top
+        assert abs(item.logprob - short_expected[index - 1][short.token_ids[index]].item()) < 1e-4

@@ -79,15 +79,25 @@ def from_engine_error(error: Exception) -> APIError:
     raise error
 
 
+def _is_field(part: object) -> bool:
+    """A location part that names a field or an index, not one of pydantic's union branches (`str`,
+    `list[int]`, `function-after[...]`), which no client would recognize."""
+    return isinstance(part, int) or (str(part).isidentifier() and str(part) not in _BRANCHES)
+
+
+_BRANCHES = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    """Every problem with its field path (pydantic's union branches left out); `param` is the first's."""
     problems = []
     first_param = None
     for item in error.errors():
-        location = [str(part) for part in item.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        first_param = first_param or param
-        problems.append(f"{param}: {item.get('msg')}" if param else str(item.get("msg")))
-    return "; ".join(problems) or "invalid request", first_param
+        location = [str(part) for part in item.get("loc", ()) if part != "body" and _is_field(part)]
+        path = ".".join(location) or None
+        first_param = first_param or path
+        problems.append(f"{path}: {item.get('msg')}" if path else str(item.get("msg")))
+    return "; ".join(dict.fromkeys(problems)) or "invalid request", first_param
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -16,7 +16,15 @@ from llm_server.api.errors import APIError, from_engine_error
 from llm_server.api.metrics import ServerMetrics
 from llm_server.api.schemas import SamplingFields
 from llm_server.config import ServerSettings
-from llm_server.engine.interface import Delta, Engine, EngineError, Prompt, SamplingParams
+from llm_server.engine.interface import (
+    Delta,
+    Engine,
+    EngineError,
+    GrammarSpec,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +35,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # when asked, one per token
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class ObservedStream:
@@ -50,6 +61,48 @@ class ObservedStream:
             await self._observed.aclose()
 
 
+class StreamGroup:
+    """Several generations streamed as one response (n choices, several prompts): (index, delta) as they
+    come; aclose() ends every one of them."""
+
+    def __init__(self, streams: list[ObservedStream]) -> None:
+        self._streams = streams
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        if len(self._streams) == 1:  # no tasks and no queue for the common case
+            async for delta in self._streams[0]:
+                yield 0, delta
+            return
+        arrived: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: ObservedStream) -> None:
+            try:
+                async for delta in stream:
+                    arrived.put_nowait((index, delta))
+            except Exception as error:  # raised where the response is written (an error event)
+                arrived.put_nowait((index, error))
+            arrived.put_nowait((index, None))
+
+        pumps = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(self._streams)]
+        try:
+            running = len(pumps)
+            while running:
+                index, item = await arrived.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    async def aclose(self) -> None:
+        for stream in self._streams:
+            await stream.aclose()
+
+
 INLINE_ENCODE_CHARS = 16_384  # about a millisecond of tokenizing
 
 
@@ -66,6 +119,18 @@ class Generation:
     async def encode_text(self, model: str, text: str) -> Prompt:
         return await self._encode(self.engine.encode_text, model, text, size=len(text))
 
+    def prompt_of_ids(self, model: str, token_ids: list[int], param: str) -> Prompt:
+        """A prompt sent as token ids: each within the vocabulary, the model one this server serves."""
+        if model not in {card.name for card in self.engine.models()}:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model")
+        vocab = self.engine.vocab_size
+        outside = next((token for token in token_ids if token >= vocab), None)
+        if outside is not None:
+            raise APIError(
+                400, f"token id {outside} is outside the model's vocabulary (0 to {vocab - 1})", param=param
+            )
+        return Prompt(model=model, token_ids=tuple(token_ids))
+
     @staticmethod
     async def _encode(encode: Callable[[str, Any], Prompt], model: str, content: Any, size: int) -> Prompt:
         try:
@@ -75,7 +140,13 @@ class Generation:
         except EngineError as error:
             raise from_engine_error(error) from None
 
-    def params(self, prompt: Prompt, max_tokens: int | None, fields: SamplingFields) -> SamplingParams:
+    def params(
+        self,
+        prompt: Prompt,
+        max_tokens: int | None,
+        fields: SamplingFields,
+        grammar: GrammarSpec | None = None,
+    ) -> SamplingParams:
         """The engine's parameters for one request: without max_tokens it may use the rest of the context
         (as vLLM), or LLM_DEFAULT_MAX_TOKENS where set; LLM_MAX_NEW_TOKENS, where set, caps either."""
         cap = self._settings.max_new_tokens
@@ -125,9 +196,10 @@ class Generation:
             presence_penalty=fields.presence_penalty,
             frequency_penalty=fields.frequency_penalty,
             logit_bias=biases,
+            grammar=grammar,
         )
 
-    def start(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+    def start(self, prompt: Prompt, params: SamplingParams) -> ObservedStream:
         """Admission happens here, so a full queue is a 429 before any response starts."""
         try:
             deltas = self.engine.generate(prompt, params)
@@ -193,18 +265,16 @@ class Generation:
         (completion,) = await self.complete_many([(prompt, params)], request)
         return completion
 
-    async def complete_many(
-        self, jobs: list[tuple[Prompt, SamplingParams]], request: Request
-    ) -> list[Completion]:
-        """All admitted or none (a 429 leaves nothing running); all cancelled if the client leaves."""
+    async def start_many(self, jobs: list[tuple[Prompt, SamplingParams]], param: str) -> list[ObservedStream]:
+        """All admitted or none: a 429 leaves nothing running."""
         capacity = self._settings.max_batch_size + self._settings.max_queued_requests
         if len(jobs) > capacity:  # it could never be admitted whole: a 429 would be retried forever
             raise APIError(
                 400,
                 f"a batch of {len(jobs)} prompts exceeds what this server holds at once ({capacity})",
-                param="prompts",
+                param=param,
             )
-        started: list[AsyncIterator[Delta]] = []
+        started: list[ObservedStream] = []
         try:
             for prompt, params in jobs:
                 started.append(self.start(prompt, params))
@@ -212,16 +282,28 @@ class Generation:
             for deltas in started:
                 await deltas.aclose()
             raise
+        return started
+
+    async def complete_many(
+        self, jobs: list[tuple[Prompt, SamplingParams]], request: Request, param: str = "prompts"
+    ) -> list[Completion]:
+        """All admitted or none (a 429 leaves nothing running); all cancelled if the client leaves."""
+        started = await self.start_many(jobs, param)
 
         async def collect(prompt: Prompt, deltas: AsyncIterator[Delta]) -> Completion:
             parts, last = [], None
+            completion = Completion("", len(prompt.token_ids), 0, "")
             async for delta in deltas:
                 parts.append(delta.text)
+                completion.token_ids += delta.token_ids
+                completion.logprobs += delta.logprobs
+                if delta.prompt_logprobs is not None:
+                    completion.prompt_logprobs = delta.prompt_logprobs
                 last = delta
             assert last is not None and last.finish_reason is not None
-            return Completion(
-                "".join(parts), len(prompt.token_ids), last.completion_tokens, last.finish_reason
-            )
+            completion.text, completion.completion_tokens = "".join(parts), last.completion_tokens
+            completion.finish_reason = last.finish_reason
+            return completion
 
         gathered = asyncio.gather(
             *(collect(prompt, deltas) for (prompt, _), deltas in zip(jobs, started, strict=True))

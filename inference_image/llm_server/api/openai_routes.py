@@ -3,10 +3,11 @@ pooling_routes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -15,7 +16,8 @@ from sse_starlette import EventSourceResponse
 from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import EngineDep, GenerationDep
 from llm_server.api.errors import APIError, error_body
-from llm_server.api.generation import Generation
+from llm_server.api.generation import Generation, StreamGroup
+from llm_server.api.logprobs_format import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from llm_server.api.schemas import (
     STREAMABLE,
     ChatCompletionRequest,
@@ -24,8 +26,9 @@ from llm_server.api.schemas import (
     error_responses,
 )
 from llm_server.api.streaming import event_json, event_stream
+from llm_server.api.structured_outputs import grammar_for
 from llm_server.api.vllm_fields import check_fields
-from llm_server.engine.interface import Prompt, SamplingParams
+from llm_server.engine.interface import Prompt, SamplingParams, TokenLogprob
 
 router = APIRouter(
     prefix="/v1",
@@ -37,11 +40,6 @@ router = APIRouter(
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return Usage.of(prompt_tokens, completion_tokens).model_dump()
-
-
-def _only_one_choice(n: int) -> None:
-    if n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
 
 
 @router.get("/models")
@@ -67,35 +65,62 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
     }
 
 
+def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
+    """Choice `choice` of n: its own row; a seeded request's choices draw from seed, seed + 1, ..."""
+    if params.seed is None or choice == 0:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + choice + 2**63) % 2**64 - 2**63)
+
+
+def _decoder(generation: Generation) -> Callable[[int], str]:
+    tokenizer = generation.engine.tokenizer
+    return lambda token: tokenizer.decode([token])
+
+
 @router.post("/chat/completions", response_model=None, responses=STREAMABLE)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, generation: GenerationDep
 ) -> dict[str, Any] | EventSourceResponse:
     check_fields(body.model_extra or {}, "chat")
-    _only_one_choice(body.n)
+    body.model = body.model or generation.engine.base_model
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
     prompt = await generation.encode_chat(body.model, messages)
-    params = generation.params(prompt, body.max_completion_tokens or body.max_tokens, body)
+    params = dataclasses.replace(
+        generation.params(
+            prompt, body.max_completion_tokens or body.max_tokens, body, grammar=grammar_for(body)
+        ),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        prompt_logprobs=body.prompt_logprobs,
+    )
+    jobs = [(prompt, _choice_params(params, choice)) for choice in range(body.n)]
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    decode = _decoder(generation)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _chat_stream(generation, prompt, params, response_id, created, body.model, usage)
-    completion = await generation.complete(prompt, params, request)
-    return {
+        group = StreamGroup(await generation.start_many(jobs, param="n"))  # 429 here, before the stream
+        return event_stream(
+            _sse(_chat_chunks(group, prompt, body, response_id, created, usage, decode)), group
+        )
+    completions = await generation.complete_many(jobs, request, param="n")
+    answer: dict[str, Any] = {
         "id": response_id,
         "object": "chat.completion",
         "created": created,
         "model": body.model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": completion.text},
-                "logprobs": None,
+                "logprobs": chat_logprobs(completion.logprobs, decode) if body.logprobs else None,
                 "finish_reason": completion.finish_reason,
             }
+            for index, completion in enumerate(completions)
         ],
-        "usage": _usage(completion.prompt_tokens, completion.completion_tokens),
+        "usage": _usage(len(prompt.token_ids), sum(c.completion_tokens for c in completions)),
     }
+    if body.prompt_logprobs is not None and completions[0].prompt_logprobs is not None:
+        answer["prompt_logprobs"] = vllm_prompt_logprobs(completions[0].prompt_logprobs, decode)
+    return answer
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, str]]:
@@ -110,48 +135,37 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str,
     yield {"data": "[DONE]"}
 
 
-def _chat_stream(
-    generation: Generation,
+async def _chat_chunks(
+    group: StreamGroup,
     prompt: Prompt,
-    params: SamplingParams,
+    body: ChatCompletionRequest,
     response_id: str,
     created: int,
-    model: str,
     include_usage: bool,
-) -> EventSourceResponse:
-    deltas = generation.start(prompt, params)  # 429 here, before the stream starts
-
-    async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        yield {
-            **base,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ],
+    decode: Callable[[int], str],
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    for index in range(body.n):
+        role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        yield {**base, "choices": [{**role, "finish_reason": None}]}
+    completion_tokens = [0] * body.n
+    async for (
+        index,
+        delta,
+    ) in group.deltas():  # a chunk per token, as vLLM's: empty content for half a character
+        completion_tokens[index] = delta.completion_tokens
+        choice = {
+            "index": index,
+            "delta": {"content": delta.text},
+            "logprobs": chat_logprobs(delta.logprobs, decode) if body.logprobs else None,
+            "finish_reason": delta.finish_reason,
         }
-        completion_tokens = 0
-        async for delta in deltas:  # a chunk per token, as vLLM's: empty content for half a character
-            completion_tokens = delta.completion_tokens
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"content": delta.text},
-                        "logprobs": None,
-                        "finish_reason": delta.finish_reason,
-                    }
-                ],
-            }
-        if include_usage:
-            yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
-
-    return event_stream(_sse(chunks()), deltas)
+        chunk: dict[str, Any] = {**base, "choices": [choice]}
+        if delta.prompt_logprobs is not None and body.prompt_logprobs is not None:
+            chunk["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, decode)
+        yield chunk
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), sum(completion_tokens))}
 
 
 @router.post("/completions", response_model=None, responses=STREAMABLE)
@@ -159,46 +173,111 @@ async def completions(
     body: CompletionRequest, request: Request, generation: GenerationDep
 ) -> dict[str, Any] | EventSourceResponse:
     check_fields(body.model_extra or {}, "completions")
-    _only_one_choice(body.n)
-    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    prompt = await generation.encode_text(body.model, text)
-    params = generation.params(prompt, body.max_tokens, body)
+    body.model = body.model or generation.engine.base_model
+    prompts: list[Prompt] = []
+    for item in body.prompts():
+        if isinstance(item, str):
+            prompts.append(await generation.encode_text(body.model, item))
+        else:
+            prompts.append(generation.prompt_of_ids(body.model, item, "prompt"))
+    # echo with logprobs: the prompt's tokens get theirs too, with the same number of most likely tokens
+    scored = (
+        max(body.logprobs, body.prompt_logprobs or 0) if body.echo and body.logprobs is not None else None
+    )
+    jobs = []
+    for prompt in prompts:
+        params = dataclasses.replace(
+            generation.params(prompt, body.max_tokens, body, grammar=grammar_for(body)),
+            logprobs=body.logprobs,
+            prompt_logprobs=scored if scored is not None else body.prompt_logprobs,
+        )
+        jobs += [(prompt, _choice_params(params, choice)) for choice in range(body.n)]
+    choice_prompts = [prompt for prompt, _ in jobs]  # choice i answers prompt i // n
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    prefix = text if body.echo else ""
+    decode = _decoder(generation)
+    texts = [_prompt_text(item, decode) for item in body.prompts()] if body.echo else None
+    prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
     if body.stream:
-        deltas = generation.start(prompt, params)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            base = {"id": response_id, "object": "text_completion", "created": created, "model": body.model}
-            completion_tokens, first = 0, True
-            async for delta in deltas:
-                completion_tokens = delta.completion_tokens
-                piece = (prefix if first else "") + delta.text
-                first = False
-                yield {
-                    **base,
-                    "choices": [
-                        {"index": 0, "text": piece, "logprobs": None, "finish_reason": delta.finish_reason}
-                    ],
-                }
-            if include_usage:
-                yield {**base, "choices": [], "usage": _usage(len(prompt.token_ids), completion_tokens)}
-
-        return event_stream(_sse(chunks()), deltas)
-    completion = await generation.complete(prompt, params, request)
+        group = StreamGroup(await generation.start_many(jobs, param="prompt"))
+        chunks = _completion_chunks(
+            group, choice_prompts, body, texts, response_id, created, prompt_tokens, decode
+        )
+        return event_stream(_sse(chunks), group)
+    completions = await generation.complete_many(jobs, request, param="prompt")
+    choices = []
+    for index, completion in enumerate(completions):
+        prompt = choice_prompts[index]
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": (texts[index // body.n] if texts else "") + completion.text,
+            "logprobs": _completion_logprobs(
+                body, prompt, completion.token_ids, completion.logprobs, completion.prompt_logprobs, decode
+            ),
+            "finish_reason": completion.finish_reason,
+        }
+        if body.prompt_logprobs is not None and completion.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(completion.prompt_logprobs, decode)
+        choices.append(choice)
     return {
         "id": response_id,
         "object": "text_completion",
         "created": created,
         "model": body.model,
-        "choices": [
-            {
-                "index": 0,
-                "text": prefix + completion.text,
-                "logprobs": None,
-                "finish_reason": completion.finish_reason,
-            }
-        ],
-        "usage": _usage(completion.prompt_tokens, completion.completion_tokens),
+        "choices": choices,
+        "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in completions)),
     }
+
+
+def _prompt_text(item: str | list[int], decode: Callable[[int], str]) -> str:
+    return item if isinstance(item, str) else "".join(decode(token) for token in item)
+
+
+def _completion_logprobs(
+    body: CompletionRequest,
+    prompt: Prompt,
+    token_ids: list[int] | tuple[int, ...],
+    logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...],
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None,
+    decode: Callable[[int], str],
+) -> dict[str, list[Any]] | None:
+    """The completions shape for these tokens, the prompt's first when echoed (and it is their first)."""
+    if body.logprobs is None:
+        return None
+    ids, entries = list(token_ids), list[TokenLogprob | None](logprobs)
+    if body.echo and prompt_logprobs is not None:
+        ids, entries = [*prompt.token_ids, *ids], [*prompt_logprobs, *entries]
+    return completion_logprobs(ids, entries, decode)
+
+
+async def _completion_chunks(
+    group: StreamGroup,
+    choice_prompts: list[Prompt],
+    body: CompletionRequest,
+    texts: list[str] | None,
+    response_id: str,
+    created: int,
+    prompt_tokens: int,
+    decode: Callable[[int], str],
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": response_id, "object": "text_completion", "created": created, "model": body.model}
+    completion_tokens = [0] * len(choice_prompts)
+    started: set[int] = set()
+    async for index, delta in group.deltas():
+        completion_tokens[index] = delta.completion_tokens
+        first = index not in started
+        started.add(index)
+        prefix = texts[index // body.n] if texts and first else ""
+        echoed = delta.prompt_logprobs if first else None
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": prefix + delta.text,
+            "logprobs": _completion_logprobs(
+                body, choice_prompts[index], delta.token_ids, delta.logprobs, echoed, decode
+            ),
+            "finish_reason": delta.finish_reason,
+        }
+        if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, decode)
+        yield {**base, "choices": [choice]}
+    if body.stream_options and body.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens))}

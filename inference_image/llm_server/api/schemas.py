@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, mode
 MAX_MESSAGES = 4096
 MAX_PROMPT_CHARS = 1_000_000
 MAX_INPUTS = 2048  # OpenAI's bound on the inputs of one embeddings request
+MAX_CHOICES = 128
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 class _Request(BaseModel):
@@ -100,28 +102,27 @@ class StreamOptions(BaseModel):
 
 
 class OpenAIFields(SamplingFields):
-    """What both OpenAI endpoints share, with the OpenAI features this server does not implement: a request
-    that asks for one is a 400 naming it, not a 200 that quietly lacks it (vLLM implements them). Fields it
-    does not declare are kept (`model_extra`) for vllm_fields.check_fields."""
+    """What both OpenAI endpoints share. Fields it does not declare are kept (`model_extra`) for
+    vllm_fields.check_fields: one this server does not implement is a 400 naming it, not a 200 that quietly
+    lacks it."""
 
     model_config = ConfigDict(extra="allow")
 
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's
+    # Structured outputs (api/structured_outputs.py): OpenAI's response_format, vLLM's structured_outputs
+    # ({"json", "regex", "choice", "grammar", "json_object"}) and its older guided_* fields; one at most.
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     tools: list[dict[str, Any]] | None = None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _zero_only(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("is not supported by this server (only 0)")
-        return value
-
-    @field_validator("tools", "logprobs")
+    @field_validator("tools")
     @classmethod
     def _absent_only(cls, value: Any) -> Any:
         if value:  # empty, false or 0 asks for nothing
@@ -130,9 +131,19 @@ class OpenAIFields(SamplingFields):
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and value.get("type", "text") != "text":
-            raise ValueError("is not supported by this server (only {'type': 'text'})")
+    def _response_format_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = (value or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type {kind!r} is not supported (text, json_object or json_schema)")
+        if kind == "json_schema":
+            assert value is not None
+            spec = value.get("json_schema")
+            if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+                raise ValueError("json_schema needs an object with a name and a schema")
+            if not isinstance(spec.get("schema"), dict):
+                raise ValueError("json_schema.schema must be a JSON schema object")
+            if not isinstance(spec.get("strict", False), bool | None):
+                raise ValueError("json_schema.strict must be a boolean")
         return value
 
     @model_validator(mode="after")
@@ -143,20 +154,43 @@ class OpenAIFields(SamplingFields):
 
 
 class ChatCompletionRequest(OpenAIFields):
-    model: str
+    model: str | None = None  # vLLM: the served model when absent
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+PromptIds = Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(OpenAIFields):
-    model: str
+    model: str | None = None  # vLLM: the served model when absent
+    # OpenAI's four forms: a text, texts, token ids, lists of token ids (lm-eval sends the last)
     prompt: (
-        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_INPUTS)]
+        | PromptIds
+        | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_INPUTS)]
     )
-    max_tokens: Annotated[int | None, Field(ge=1)] = 16
+    max_tokens: Annotated[int | None, Field(ge=0)] = 16  # 0: the prompt's log probabilities only (echo)
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class Usage(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
-from llm_server.api.generation import ObservedStream
+from llm_server.api.generation import ObservedStream, StreamGroup
 
 # vLLM's framing: `data: <json>\n\n` per event, nothing else. sse-starlette's defaults (\r\n line ends, a
 # `: ping` comment every 15 s) trip clients that split events on "\n\n" or take every line for data;
@@ -31,7 +31,7 @@ class GenerationEvents(EventSourceResponse):
     that leaves at any point (sse-starlette may then leave the event generator suspended or raise, so
     the release happens around the whole response, not inside the generator)."""
 
-    def __init__(self, events: AsyncIterator[dict[str, str]], deltas: ObservedStream) -> None:
+    def __init__(self, events: AsyncIterator[dict[str, str]], deltas: ObservedStream | StreamGroup) -> None:
         super().__init__(events, ping=NO_PING, sep=SEPARATOR)
         self._deltas = deltas
 
@@ -42,5 +42,7 @@ class GenerationEvents(EventSourceResponse):
             await self._deltas.aclose()
 
 
-def event_stream(events: AsyncIterator[dict[str, str]], deltas: ObservedStream) -> EventSourceResponse:
+def event_stream(
+    events: AsyncIterator[dict[str, str]], deltas: ObservedStream | StreamGroup
+) -> EventSourceResponse:
     return GenerationEvents(events, deltas)

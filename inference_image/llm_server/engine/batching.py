@@ -30,6 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from llm_server.engine.attention import StepPlan
 from llm_server.engine.detokenizer import IncrementalDetokenizer
+from llm_server.engine.grammar import GrammarCompiler
 from llm_server.engine.interface import (
     AdapterError,
     ContextTooLong,
@@ -41,10 +42,12 @@ from llm_server.engine.interface import (
     SamplingParams,
     StepTimes,
     Task,
+    TokenLogprob,
     UnknownModel,
 )
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
 from llm_server.engine.logits_adjust import LogitsState, adjust_rows
+from llm_server.engine.logprobs import token_logprobs
 from llm_server.engine.sampling import make_generator, sample_rows
 from llm_server.engine.slots import PromptPart, SlotCache
 from llm_server.engine.stops import StopMatcher
@@ -116,11 +119,36 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the cache; below the prompt's length it is not decoding yet
     chunk: int = 0  # prompt tokens per step when its prompt is prefilled in chunks (0: at once)
     produced: int = 0
-    logits_state: LogitsState | None = None  # penalties, logit bias, min_tokens: only if it asks
+    logits_state: LogitsState | None = None  # penalties, bias, min_tokens, a grammar: only if it asks
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while its prompt is prefilled
+    token_logprob: TokenLogprob | None = None  # of the token just sampled, when asked
 
     def delta(self, text: str, finish_reason: str | None = None) -> Delta:
-        """The delta of the token just sampled."""
-        return Delta(text, self.produced, finish_reason, (self.next_token,))
+        """The delta of the token just sampled (the first also carries the prompt's log probabilities)."""
+        prompt = (
+            tuple(self.prompt_logprobs) if self.prompt_logprobs is not None and self.produced == 1 else None
+        )
+        logprobs = (self.token_logprob,) if self.token_logprob is not None else ()
+        return Delta(text, self.produced, finish_reason, (self.next_token,), logprobs, prompt)
+
+
+def _prompt_positions(prefilling: list[Sequence], plan: StepPlan) -> list[tuple[Sequence, int, int]]:
+    """(sequence, position in the step, index of the prompt token it predicts) for every prompt position in
+    this step whose next token is a prompt token of a sequence that asked for prompt log probabilities."""
+    scored = []
+    for sequence, part in zip(prefilling, plan.prefills, strict=True):
+        if sequence.prompt_logprobs is None:
+            continue
+        done = sequence.prefilled
+        for step in range(part.length):
+            predicted = done + step + 1
+            if predicted < len(sequence.job.prompt.token_ids):
+                scored.append((sequence, part.offset + step, predicted))
+    return scored
+
+
+def _prompt_result(sequence: Sequence) -> tuple[TokenLogprob | None, ...] | None:
+    return tuple(sequence.prompt_logprobs) if sequence.prompt_logprobs is not None else None
 
 
 class Batch:
@@ -263,6 +291,7 @@ class BatchingEngine:
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
         self._generated_tokens = 0
         self._step_times = StepTimes()
+        self._grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size, loaded.end_ids)  # lazy: no cost
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
         self._worker.start()
@@ -506,8 +535,14 @@ class BatchingEngine:
             length=len(job.prompt.token_ids),
             next_token=0,  # sampled by the step that prefills it
             chunk=chunk if len(job.prompt.token_ids) > chunk > 0 else 0,
+            prompt_logprobs=[None] if job.params.prompt_logprobs is not None else None,  # the first: none
             logits_state=LogitsState(
-                job.params, job.prompt.token_ids, self._loaded.end_ids, self.vocab_size, self._loaded.device
+                job.params,
+                job.prompt.token_ids,
+                self._loaded.end_ids,
+                self.vocab_size,
+                self._loaded.device,
+                self._grammars,
             )
             if job.params.adjusts_logits
             else None,
@@ -531,7 +566,10 @@ class BatchingEngine:
             adapters += [sequence.adapter or BASE_ADAPTER] * part.length
         selection = loaded.rows.selecting(adapters) if loaded.has_peft else contextlib.nullcontext()
         device = loaded.device
-        with selection, logits_only_for(loaded.model, plan.last_tokens()):
+        last = plan.last_tokens()
+        scored = _prompt_positions(prefilling, plan)  # prompt tokens whose log probabilities were asked for
+        wanted = last + [position for _, position, _ in scored]
+        with selection, logits_only_for(loaded.model, wanted):
             output = loaded.model(
                 input_ids=torch.tensor(tokens, device=device)[:, None],
                 attention_mask=plan.decode_mask,  # 4D: transformers builds no mask of its own
@@ -543,16 +581,38 @@ class BatchingEngine:
         batch.cache.advance()
         logits = output.logits[:, -1]
         stepped = decoding + [seq for seq, part in zip(prefilling, plan.prefills, strict=True) if part.final]
-        if logits.shape[0] != len(stepped):  # an adapted output layer computed them for every token
-            logits = logits[plan.last_tokens()]
+        if logits.shape[0] != len(wanted):  # an adapted output layer computed them for every token
+            logits = logits[wanted]
+        if scored:
+            prompt_tokens = [sequence.job.prompt.token_ids[index] for sequence, _, index in scored]
+            tops = [sequence.job.params.prompt_logprobs or 0 for sequence, _, _ in scored]
+            for (sequence, _, _), logprob in zip(
+                scored, token_logprobs(logits[len(last) :], prompt_tokens, tops), strict=True
+            ):
+                assert sequence.prompt_logprobs is not None
+                sequence.prompt_logprobs.append(logprob)
+        logits = logits[: len(last)]
         for sequence in decoding:
             sequence.length += 1
         for sequence, part in zip(prefilling, plan.prefills, strict=True):
             sequence.prefilled += part.length
         finished = []
         params, generators = [s.job.params for s in stepped], [s.generator for s in stepped]
+        raw = logits
         logits = adjust_rows(logits, [s.logits_state for s in stepped])
-        for sequence, token in zip(stepped, sample_rows(logits, params, generators), strict=True):
+        sampled = sample_rows(logits, params, generators)
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if asking:
+            chosen = token_logprobs(
+                raw[asking], [sampled[row] for row in asking], [params[row].logprobs or 0 for row in asking]
+            )
+            for row, logprob in zip(asking, chosen, strict=True):
+                stepped[row].token_logprob = logprob
+        for sequence, token in zip(stepped, sampled, strict=True):
+            if sequence.job.params.max_tokens == 0:  # its prompt's log probabilities were all it asked for
+                sequence.job.emit(Delta("", 0, "length", (), (), _prompt_result(sequence)))
+                finished.append(sequence)
+                continue
             sequence.next_token = token
             if sequence.logits_state is not None:
                 sequence.logits_state.observe(token)
@@ -575,6 +635,10 @@ class BatchingEngine:
         )
         if ends:  # as vLLM: the ending token's text is not part of the output
             job.emit(sequence.delta(stops.feed(detokenizer.flush()) + stops.flush(), "stop"))
+            return True
+        if sequence.logits_state is not None and sequence.logits_state.finished:  # its grammar is complete
+            text = stops.feed(detokenizer.push(token)) + stops.feed(detokenizer.flush())
+            job.emit(sequence.delta(text + stops.flush(), "stop"))
             return True
         text = stops.feed(detokenizer.push(token))
         if stops.stopped:

@@ -42,6 +42,16 @@ class InvalidInput(EngineError):
 
 
 @dataclasses.dataclass(frozen=True)
+class GrammarSpec:
+    """What a generation must match (structured outputs). `value`: the JSON schema as JSON text
+    (json_schema; empty for json_object: any object), the regex (matched whole), the choices as a JSON list
+    of strings, or the grammar in llguidance's Lark dialect or llama.cpp's GBNF."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    value: str
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """vLLM's sampling parameters, with its defaults (each off unless set)."""
 
@@ -59,6 +69,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # on tokens of the output (as OpenAI and vLLM)
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # each sampled token's log probability, and this many of the most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+    grammar: GrammarSpec | None = None  # structured outputs: only the tokens it allows, ended when complete
 
     @property
     def adjusts_logits(self) -> bool:
@@ -69,6 +82,7 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
             or self.presence_penalty
             or self.frequency_penalty
+            or self.grammar is not None
         )
 
 
@@ -82,6 +96,17 @@ class Prompt:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log probability under the model's raw distribution (before penalties and temperature, as
+    vLLM's default `raw_logprobs`), its rank there (1: the most likely) and the `top` most likely tokens."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log probability), most likely first
+
+
+@dataclasses.dataclass(frozen=True)
 class Delta:
     """New text since the last delta; `finish_reason` set on the last one ("stop" or "length")."""
 
@@ -89,6 +114,8 @@ class Delta:
     completion_tokens: int
     finish_reason: str | None = None
     token_ids: tuple[int, ...] = ()  # the tokens sampled since the last delta (text may lag behind them)
+    logprobs: tuple[TokenLogprob, ...] = ()  # of those tokens, when the request asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first delta, when asked
 
 
 @dataclasses.dataclass(frozen=True)
