@@ -323,7 +323,7 @@ def test_a_chat_template_that_refuses_the_messages_is_400(demo: tuple[Path, Path
     ("fields", "param"),
     [
         ({"response_format": {"type": "structural_tag"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+        ({"functions": [{"name": "f"}], "function_call": "auto"}, "functions"),
     ],
 )
 def test_openai_features_this_server_lacks_are_400_naming_them(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -112,9 +114,14 @@ class Generation:
 
     # Tokenizing (and templating) a long prompt takes a while: off the event loop, which serves every
     # stream. A short one stays on it: the thread hop would cost more than the encoding.
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
+    async def encode_chat(
+        self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> Prompt:
         size = sum(len(message["content"]) + 100 for message in messages)  # templating costs per message too
-        return await self._encode(self.engine.encode_chat, model, messages, size=size)
+        if tools is None:
+            return await self._encode(self.engine.encode_chat, model, messages, size=size)
+        encode = functools.partial(self.engine.encode_chat, tools=tools)
+        return await self._encode(encode, model, messages, size=size + len(json.dumps(tools)))
 
     async def encode_text(self, model: str, text: str) -> Prompt:
         return await self._encode(self.engine.encode_text, model, text, size=len(text))
@@ -185,7 +192,7 @@ class Generation:
             max_tokens=max_tokens,
             temperature=fields.temperature,
             top_p=fields.top_p,
-            top_k=max(fields.top_k, 0),
+            top_k=fields.top_k if 0 < fields.top_k < vocab else 0,  # at least the vocabulary: every token
             min_p=fields.min_p,
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,

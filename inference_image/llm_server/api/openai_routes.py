@@ -27,6 +27,14 @@ from llm_server.api.schemas import (
 )
 from llm_server.api.streaming import event_json, event_stream
 from llm_server.api.structured_outputs import grammar_for
+from llm_server.api.tools import (
+    ToolCalling,
+    ToolCallStream,
+    assistant_message,
+    chat_grammar,
+    template_tools,
+    tool_calling,
+)
 from llm_server.api.vllm_fields import check_fields
 from llm_server.engine.interface import Prompt, SamplingParams, TokenLogprob
 
@@ -83,12 +91,12 @@ async def chat_completions(
 ) -> dict[str, Any] | EventSourceResponse:
     check_fields(body.model_extra or {}, "chat")
     body.model = body.model or generation.engine.base_model
-    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    prompt = await generation.encode_chat(body.model, messages)
+    calling = tool_calling(body)
+    grammar = chat_grammar(body, calling)
+    messages = [message.for_template() for message in body.messages]
+    prompt = await generation.encode_chat(body.model, messages, template_tools(body.tools))
     params = dataclasses.replace(
-        generation.params(
-            prompt, body.max_completion_tokens or body.max_tokens, body, grammar=grammar_for(body)
-        ),
+        generation.params(prompt, body.max_completion_tokens or body.max_tokens, body, grammar=grammar),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         prompt_logprobs=body.prompt_logprobs,
     )
@@ -98,24 +106,26 @@ async def chat_completions(
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         group = StreamGroup(await generation.start_many(jobs, param="n"))  # 429 here, before the stream
-        return event_stream(
-            _sse(_chat_chunks(group, prompt, body, response_id, created, usage, decode)), group
-        )
+        chunks = _chat_chunks(group, prompt, body, calling, response_id, created, usage, decode)
+        return event_stream(_sse(chunks), group)
     completions = await generation.complete_many(jobs, request, param="n")
+    choices = []
+    for index, completion in enumerate(completions):
+        message, finish_reason = assistant_message(completion.text, completion.finish_reason, calling)
+        choices.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": chat_logprobs(completion.logprobs, decode) if body.logprobs else None,
+                "finish_reason": finish_reason,
+            }
+        )
     answer: dict[str, Any] = {
         "id": response_id,
         "object": "chat.completion",
         "created": created,
         "model": body.model,
-        "choices": [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": completion.text},
-                "logprobs": chat_logprobs(completion.logprobs, decode) if body.logprobs else None,
-                "finish_reason": completion.finish_reason,
-            }
-            for index, completion in enumerate(completions)
-        ],
+        "choices": choices,
         "usage": _usage(len(prompt.token_ids), sum(c.completion_tokens for c in completions)),
     }
     if body.prompt_logprobs is not None and completions[0].prompt_logprobs is not None:
@@ -139,6 +149,7 @@ async def _chat_chunks(
     group: StreamGroup,
     prompt: Prompt,
     body: ChatCompletionRequest,
+    calling: ToolCalling | None,
     response_id: str,
     created: int,
     include_usage: bool,
@@ -149,16 +160,21 @@ async def _chat_chunks(
         role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
         yield {**base, "choices": [{**role, "finish_reason": None}]}
     completion_tokens = [0] * body.n
-    async for (
-        index,
-        delta,
-    ) in group.deltas():  # a chunk per token, as vLLM's: empty content for half a character
+    # Text that may be a tool call is held back (empty content) and sent as tool_calls at the end.
+    calls = [ToolCallStream(calling) for _ in range(body.n)] if calling is not None else None
+    # A chunk per token, as vLLM's: empty content for half a character.
+    async for index, delta in group.deltas():
         completion_tokens[index] = delta.completion_tokens
+        fields, finish_reason = (
+            ({"content": delta.text}, delta.finish_reason)
+            if calls is None
+            else calls[index].delta(delta.text, delta.finish_reason)
+        )
         choice = {
             "index": index,
-            "delta": {"content": delta.text},
+            "delta": fields,
             "logprobs": chat_logprobs(delta.logprobs, decode) if body.logprobs else None,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": finish_reason,
         }
         chunk: dict[str, Any] = {**base, "choices": [choice]}
         if delta.prompt_logprobs is not None and body.prompt_logprobs is not None:

@@ -3,6 +3,7 @@ of the seed services."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal, get_args
 
@@ -86,15 +87,88 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends JSON text; vLLM takes an object too
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, value: str | dict[str, Any]) -> dict[str, Any]:
+        """Kept as the object chat templates read (transformers' convention): they serialize it."""
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object, or one as text")
+        return parsed
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # null: an assistant turn that only called tools, as OpenAI's history sends it
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_MESSAGES)] | None = None  # assistant turns
+    tool_call_id: str | None = None  # role "tool": the call it answers
+
+    @model_validator(mode="after")
+    def _tool_calls_from_the_assistant(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: content as text, a call's arguments as an object."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in self.tool_calls
+            ]
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -120,14 +194,6 @@ class OpenAIFields(SamplingFields):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    tools: list[dict[str, Any]] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _absent_only(cls, value: Any) -> Any:
-        if value:  # empty, false or 0 asks for nothing
-            raise ValueError("is not supported by this server")
-        return value
 
     @field_validator("response_format")
     @classmethod
@@ -160,6 +226,10 @@ class ChatCompletionRequest(OpenAIFields):
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Tool calling (api/tools.py): rendered by the chat template, read back from the output or forced.
+    tools: Annotated[list[Tool], Field(max_length=MAX_INPUTS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

@@ -99,8 +99,7 @@ def _text_stream(generation: Generation, prompt: Prompt, params: SamplingParams)
 @protected.post("/chat", response_model=SimpleChatResponse, responses=STREAMABLE)
 async def chat(body: SimpleChatRequest, request: Request, generation: GenerationDep) -> Any:
     model = _model(generation, body.model)
-    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-    prompt = await generation.encode_chat(model, messages)
+    prompt = await generation.encode_chat(model, [message.for_template() for message in body.messages])
     params = generation.params(prompt, body.max_tokens, body)
     if body.stream:
         return _text_stream(generation, prompt, params)

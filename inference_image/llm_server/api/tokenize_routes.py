@@ -15,7 +15,8 @@ from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import EngineDep
 from llm_server.api.errors import APIError
 from llm_server.api.generation import INLINE_ENCODE_CHARS
-from llm_server.api.schemas import MAX_MESSAGES, MAX_PROMPT_CHARS, ChatMessage, error_responses
+from llm_server.api.schemas import MAX_MESSAGES, MAX_PROMPT_CHARS, ChatMessage, Tool, error_responses
+from llm_server.api.tools import template_tools
 from llm_server.engine.interface import ServingEngine
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     return_token_strs: bool | None = False
 
 
@@ -92,7 +93,6 @@ def refused_chat_option(body: TokenizeRequest) -> str | None:
         "add_special_tokens": bool(body.add_special_tokens),
         "chat_template": body.chat_template is not None,
         "chat_template_kwargs": bool(body.chat_template_kwargs),
-        "tools": bool(body.tools),
     }
     return next((option for option, differs in asked.items() if differs), None)
 
@@ -124,8 +124,8 @@ async def _chat_ids(
             "/v1/chat/completions renders them",
             param=refused,
         )
-    chat = [{"role": message.role, "content": message.text()} for message in messages]
-    return (await state.generation.encode_chat(model, chat)).token_ids
+    chat = [message.for_template() for message in messages]
+    return (await state.generation.encode_chat(model, chat, template_tools(body.tools))).token_ids
 
 
 async def _prompt_ids(

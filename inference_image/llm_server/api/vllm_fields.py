@@ -46,7 +46,6 @@ UNSUPPORTED: dict[Endpoint, dict[str, Any]] = {
         "chat_template": None,
         "chat_template_kwargs": None,
         "reasoning_effort": None,
-        "tool_choice": None,
         "functions": None,
         "function_call": None,
     },
@@ -56,6 +55,7 @@ UNSUPPORTED: dict[Endpoint, dict[str, Any]] = {
         "best_of": 1,
         "prompt_embeds": None,
         "add_special_tokens": True,
+        "tools": None,  # chat only, as in vLLM
     },
 }
 # Known to vLLM or OpenAI and harmless to leave unused here: no output changes with them.
@@ -63,9 +63,7 @@ HARMLESS = frozenset({"user", "parallel_tool_calls", "include_reasoning", "cache
 _NOTHING = (None, [], {}, "")
 
 
-def _asks_nothing(name: str, value: Any, default: Any) -> bool:
-    if name == "tool_choice":  # without tools (refused by themselves) "none" and "auto" choose nothing
-        return value in (*_NOTHING, "none", "auto")
+def _asks_nothing(value: Any, default: Any) -> bool:
     return value in _NOTHING or value == default
 
 
@@ -73,7 +71,7 @@ def check_fields(extra: dict[str, Any], endpoint: Endpoint) -> None:
     """`extra`: the request's fields this server's schema does not declare."""
     unsupported = UNSUPPORTED[endpoint]
     for name, value in extra.items():
-        if name in unsupported and not _asks_nothing(name, value, unsupported[name]):
+        if name in unsupported and not _asks_nothing(value, unsupported[name]):
             raise APIError(400, f"{name} is not supported by this server", param=name)
     unknown = sorted(name for name in extra if name not in unsupported and name not in HARMLESS)
     if unknown:  # names only: values may hold anything

@@ -366,13 +366,15 @@ class BatchingEngine:
         raise UnknownModel(f"The model `{model}` does not exist.")
 
     # -- tokenization -------------------------------------------------------------------------------
-    def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt:
+    def encode_chat(
+        self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> Prompt:
         self._adapter_for(model)
         try:
             ids = self._loaded.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
+                messages, tools=tools, add_generation_prompt=True, tokenize=True
             )
-        except jinja2.TemplateError as error:  # the template's raise_exception: roles out of order, say
+        except (jinja2.TemplateError, TypeError) as error:  # raise_exception, or a shape it cannot render
             raise MessagesRejected(f"the model's chat template rejected the messages: {error}") from None
         except ValueError as error:  # transformers: this tokenizer has no chat template
             raise MessagesRejected(f"this model cannot chat: {error}") from None

@@ -231,7 +231,12 @@ class Engine(ServingEngine, Protocol):
         """The width of its logits: token ids below it may be biased, stopped on or sent."""
         ...
 
-    def encode_chat(self, model: str, messages: list[dict[str, str]]) -> Prompt: ...
+    def encode_chat(
+        self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> Prompt:
+        """Messages as chat templates read them (a call's arguments an object) and the tools in OpenAI's
+        shape, rendered by the model's template (which may ignore the tools)."""
+        ...
 
     def encode_text(self, model: str, text: str) -> Prompt: ...
 
