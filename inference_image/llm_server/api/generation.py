@@ -9,7 +9,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
@@ -25,10 +25,29 @@ from llm_server.engine.interface import (
     GrammarSpec,
     Prompt,
     SamplingParams,
+    ServingEngine,
     TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def served_model(engine: ServingEngine, requested: str | None) -> str:
+    """The model a request names (the base model when it names none), or a 404 naming `model`."""
+    if requested is None:
+        return engine.base_model
+    if requested not in {card.name for card in engine.models()}:
+        raise APIError(404, f"The model `{requested}` does not exist.", param="model")
+    return requested
+
+
+def check_vocabulary(token_ids: Iterable[int], vocab: int, param: str) -> None:
+    """A 400 naming `param` for the first id outside 0..vocab-1."""
+    outside = next((token for token in token_ids if not 0 <= token < vocab), None)
+    if outside is not None:
+        raise APIError(
+            400, f"token id {outside} is outside the model's vocabulary (0 to {vocab - 1})", param=param
+        )
 
 
 @dataclasses.dataclass
@@ -128,14 +147,8 @@ class Generation:
 
     def prompt_of_ids(self, model: str, token_ids: list[int], param: str) -> Prompt:
         """A prompt sent as token ids: each within the vocabulary, the model one this server serves."""
-        if model not in {card.name for card in self.engine.models()}:
-            raise APIError(404, f"The model `{model}` does not exist.", param="model")
-        vocab = self.engine.vocab_size
-        outside = next((token for token in token_ids if token >= vocab), None)
-        if outside is not None:
-            raise APIError(
-                400, f"token id {outside} is outside the model's vocabulary (0 to {vocab - 1})", param=param
-            )
+        served_model(self.engine, model)
+        check_vocabulary(token_ids, self.engine.vocab_size, param)
         return Prompt(model=model, token_ids=tuple(token_ids))
 
     @staticmethod
@@ -177,17 +190,8 @@ class Generation:
                 400, "stop_token_ids leave no token to generate before min_tokens", param="stop_token_ids"
             )
         biases = fields.logit_biases()
-        for name, ids in (
-            ("logit_bias", [token for token, _ in biases]),
-            ("stop_token_ids", fields.stop_token_ids),
-        ):
-            outside = next((token for token in ids or () if token >= vocab), None)
-            if outside is not None:
-                raise APIError(
-                    400,
-                    f"token id {outside} is outside the model's vocabulary (0 to {vocab - 1})",
-                    param=name,
-                )
+        check_vocabulary([token for token, _ in biases], vocab, "logit_bias")
+        check_vocabulary(fields.stop_token_ids or (), vocab, "stop_token_ids")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=fields.temperature,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, Strict
 from llm_server.api.auth import require_api_key
 from llm_server.api.dependencies import EngineDep
 from llm_server.api.errors import APIError
-from llm_server.api.generation import INLINE_ENCODE_CHARS
+from llm_server.api.generation import INLINE_ENCODE_CHARS, check_vocabulary, served_model
 from llm_server.api.schemas import MAX_MESSAGES, MAX_PROMPT_CHARS, ChatMessage, Tool, error_responses
 from llm_server.api.tools import template_tools
 from llm_server.engine.interface import ServingEngine
@@ -76,14 +76,6 @@ def tokenizer_of(engine: ServingEngine) -> Tokenizer:
     return cast(Tokenizer, engine.tokenizer)
 
 
-def served_model(engine: ServingEngine, requested: str | None) -> str:
-    if requested is None:
-        return engine.base_model
-    if requested not in {card.name for card in engine.models()}:
-        raise APIError(404, f"The model `{requested}` does not exist.", param="model")
-    return requested
-
-
 def refused_chat_option(body: TokenizeRequest) -> str | None:
     """The first option asking for another rendering than /v1/chat/completions' (its template as the model
     ships it, with the generation prompt, no special tokens added on top), or None."""
@@ -95,10 +87,6 @@ def refused_chat_option(body: TokenizeRequest) -> str | None:
         "chat_template_kwargs": bool(body.chat_template_kwargs),
     }
     return next((option for option, differs in asked.items() if differs), None)
-
-
-def outside_vocabulary(tokens: list[int], vocabulary: int) -> int | None:
-    return next((token for token in tokens if not 0 <= token < vocabulary), None)
 
 
 async def _off_loop(work: Callable[[], T], size: int) -> T:
@@ -175,12 +163,6 @@ async def tokenize(body: TokenizeRequest, request: Request, engine: EngineDep) -
 async def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
     served_model(engine, body.model)
     tokenizer = tokenizer_of(engine)
-    outside = outside_vocabulary(body.tokens, len(tokenizer))
-    if outside is not None:
-        raise APIError(
-            400,
-            f"token id {outside} is outside the model's vocabulary (0 to {len(tokenizer) - 1})",
-            param="tokens",
-        )
+    check_vocabulary(body.tokens, len(tokenizer), "tokens")
     text = await _off_loop(lambda: tokenizer.decode(body.tokens), len(body.tokens) * CHARS_PER_TOKEN)
     return DetokenizeResponse(prompt=text)
