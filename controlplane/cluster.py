@@ -337,6 +337,7 @@ class Cluster:
             "KUBECONFIG": str(layout.operator_kubeconfig),
             "LLMSERVICE_METRICS_PORT": str(metrics_port),
             "LLMSERVICE_LOG_FORMAT": "plain",
+            "LLMSERVICE_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,  # as the chart sets it
         }
         argv = [
             sys.executable,

@@ -4,7 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVICE_CIDR = "10.96.0.0/16"  # holds pki.SERVICE_IP
-POD_CIDR = "10.244.0.0/16"
+# Loopback: kwok's pods get addresses this machine answers on, so a test can run a real server as a
+# pod (tests/cluster/pod_processes.py binds one to each pod's IP).
+POD_CIDR = "127.244.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 

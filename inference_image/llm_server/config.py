@@ -3,16 +3,41 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ADAPTER_SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9][-A-Za-z0-9_.]*)?|file:///\S+|/\S*)$"
+
+
+class AdapterSource(BaseModel):
+    """Where an adapter comes from: a directory here, or a hub repo the server downloads itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(pattern=ADAPTER_SOURCE_PATTERN, description="hf://org/repo, file:///dir or /dir.")
+    revision: str | None = Field(None, max_length=128, description="Branch, tag or commit (hf:// only).")
+
+    @model_validator(mode="after")
+    def _revision_only_for_hub(self) -> "AdapterSource":
+        if self.revision is not None and not self.source.startswith("hf://"):
+            raise ValueError("revision applies only to hf:// sources")
+        return self
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLM_", frozen=True)
 
     model: Path = Field(description="Directory of the base model (transformers format).")
-    adapters: dict[str, Path] = Field(
-        default_factory=dict, description='LoRA adapters, name to directory; as JSON: {"support": "/dir"}.'
+    adapters: dict[str, AdapterSource] = Field(
+        default_factory=dict,
+        description='LoRA adapters, name to a directory or a source; as JSON: {"support": "/dir", "sql": '
+        '{"source": "hf://org/sql-lora", "revision": "v2"}}. One that fails to load is reported (GET '
+        "/v1/adapters) and the rest are served.",
+    )
+    max_lora_rank: int = Field(64, ge=1, description="Adapters of a higher rank are refused (vLLM's limit).")
+    download_dir: Path = Field(
+        Path.home() / ".cache" / "llm-server" / "models",
+        description="Where hf:// adapters are downloaded to, one directory per repo and revision.",
     )
     served_model_name: str | None = Field(
         None, description="Model name clients send; default: the model dir name."
@@ -92,7 +117,9 @@ class ServerSettings(BaseSettings):
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
     enable_runtime_lora: bool = Field(
-        False, description="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter."
+        False,
+        description="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), and GET/PUT "
+        "/v1/adapters (the set to serve, reconciled in the background, with each adapter's state).",
     )
     log_format: Literal["json", "plain"] = "json"
     log_level: Literal["debug", "info", "warning"] = "info"
@@ -103,10 +130,16 @@ class ServerSettings(BaseSettings):
 
     @field_validator("adapters", mode="before")
     @classmethod
-    def _no_empty_names(cls, value: object) -> object:
-        if isinstance(value, dict) and any(not str(name) for name in value):
+    def _sources(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        if any(not str(name) for name in value):
             raise ValueError("adapter names must not be empty")
-        return value
+        # A plain directory (str or Path) is a source of its own.
+        return {
+            name: {"source": str(source)} if isinstance(source, (str, Path)) else source
+            for name, source in value.items()
+        }
 
     @property
     def model_name(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +14,16 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_SECONDS = 10.0
+
+
+_UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def hub_dir(root: Path, repo: str, revision: str | None) -> Path:
+    """Where hf://repo at `revision` goes under `root`, one directory per repo and revision (the operator
+    names the model's the same way, so a cache claim shared by several services stays coherent)."""
+    safe_repo = _UNSAFE_PATH_CHARS.sub("-", repo.replace("/", "--"))
+    return root / safe_repo / _UNSAFE_PATH_CHARS.sub("-", revision or "main")
 
 
 class DownloadError(Exception):

@@ -15,7 +15,9 @@ from typing import cast
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from llm_server.adapters import AdapterManager
 from llm_server.api import (
+    adapter_routes,
     health_routes,
     lora_routes,
     openai_routes,
@@ -41,6 +43,7 @@ class ServerState:
     engine: ServingEngine | None = None
     generation: Generation | None = None  # task generate
     pooling: Pooling | None = None  # tasks embed, classify, score
+    adapters: AdapterManager | None = None  # task generate
     failure: str | None = None
 
 
@@ -70,9 +73,8 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
     from llm_server.engine.batching import BatchingEngine
     from llm_server.engine.loading import load_model
 
-    loaded = load_model(
-        settings.model, dict(settings.adapters), settings.dtype, settings.device, settings.max_model_len
-    )
+    # Adapters come after the engine starts (AdapterManager): one that fails must not fail the server.
+    loaded = load_model(settings.model, {}, settings.dtype, settings.device, settings.max_model_len)
     return (engine_class or BatchingEngine)(
         loaded,
         settings.model_name,
@@ -121,6 +123,14 @@ def create_app(
         )
         if engine.task == "generate":
             state.generation = Generation(cast(Engine, engine), settings, metrics)
+            state.adapters = AdapterManager(
+                cast(Engine, engine), settings.download_dir, settings.max_lora_rank
+            )
+            state.adapters.start()
+            # Ready only once the adapters it starts with are loaded or have failed: a new pod serves
+            # the current set from its first request.
+            await state.adapters.apply(dict(settings.adapters))
+            await state.adapters.settled()
         else:
             state.pooling = Pooling(cast(PoolingEngine, engine), settings, metrics)
         state.engine = engine
@@ -133,6 +143,8 @@ def create_app(
         loading = asyncio.create_task(load())
         yield
         loading.cancel()
+        if state.adapters is not None:
+            await state.adapters.close()
         if state.engine is not None:
             state.engine.shutdown()
 
@@ -153,5 +165,6 @@ def create_app(
     app.include_router(tokenize_routes.router)
     if settings.enable_runtime_lora:
         app.include_router(lora_routes.router)
+        app.include_router(adapter_routes.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app

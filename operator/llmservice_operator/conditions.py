@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmservice_operator.adapter_status import adapters_condition
+
 MAX_MESSAGE = 1024
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Reconciling", "Stalled")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Reconciling", "Stalled", "AdaptersReady")
 IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
 # Ready False for these is a rollout under way, not a problem worth a Warning event.
 ROLLOUT_REASONS = {"Creating", "RolloutInProgress"}
@@ -45,6 +47,8 @@ class Observation:
     apply_error: str | None = None
     # Objects with a child's name that the operator did not create (it never takes them over).
     conflict: str | None = None
+    # status.adapters (adapter_status.summarize); None: not judged in this pass, the last word stands.
+    adapters: list[dict[str, Any]] | None = None
 
 
 def _clip(message: str) -> str:
@@ -299,7 +303,7 @@ def build_conditions(
     degraded = verdict.degraded
     degraded_reason = degraded.reason if degraded else "AsExpected"
     degraded_message = degraded.message if degraded else "no problems found"
-    return [
+    conditions = [
         _condition(
             known, "Ready", verdict.ready, verdict.ready_reason, verdict.ready_message, generation, now
         ),
@@ -328,6 +332,14 @@ def build_conditions(
             known, "Stalled", degraded is not None, degraded_reason, degraded_message, generation, now
         ),
     ]
+    # About the adapters only: Ready stays about the base model (one broken adapter must not take a
+    # serving model out of `kubectl wait` and health checks).
+    if observation.adapters is not None:
+        status, reason, message = adapters_condition(observation.adapters)
+        conditions.append(_condition(known, "AdaptersReady", status, reason, message, generation, now))
+    elif "AdaptersReady" in known:
+        conditions.append(known["AdaptersReady"])
+    return conditions
 
 
 def build_status(
@@ -340,6 +352,9 @@ def build_status(
         "readyReplicas": deployment_status.get("readyReplicas", 0),
         "selector": selector,
         "url": url,
+        "adapters": (
+            observation.adapters if observation.adapters is not None else previous_status.get("adapters", [])
+        ),
         "conditions": build_conditions(observation, previous_status.get("conditions") or [], now),
     }
 

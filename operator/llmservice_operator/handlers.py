@@ -13,6 +13,7 @@ import kopf
 from lightkube import ApiError
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from llmservice_operator.adapter_sync import AdapterSync
 from llmservice_operator.constants import (
     GROUP,
     LABEL_INSTANCE,
@@ -22,6 +23,7 @@ from llmservice_operator.constants import (
     PLURAL,
     VERSION,
 )
+from llmservice_operator.event_posting import EventPosting
 from llmservice_operator.k8s import ChildWriter
 from llmservice_operator.metrics import OperatorMetrics
 from llmservice_operator.reconcile import CHILD_INDEXES, LLMSERVICE_INDEX, POD_INDEX, Reconciler
@@ -42,7 +44,7 @@ OWNED = {LABEL_MANAGED_BY: OPERATOR_NAME, LABEL_INSTANCE: kopf.PRESENT}
 # The same filter, applied by the API server: kopf's `labels=` filters only what it has already received,
 # so without it the operator would list, watch and decode every pod and ConfigMap in the cluster.
 OWNED_SELECTOR = f"{LABEL_MANAGED_BY}={OPERATOR_NAME},{LABEL_INSTANCE}"
-POD_STATUS_FIELDS = ("conditions", "initContainerStatuses", "containerStatuses", "phase")
+POD_STATUS_FIELDS = ("conditions", "initContainerStatuses", "containerStatuses", "phase", "podIP")
 logger = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ def build_registry(
     metrics = OperatorMetrics(metrics_registry)
     reconciler = Reconciler(settings, metrics)
     requeue = Requeue()
+    event_posting = EventPosting()
     llmservices = (GROUP, VERSION, PLURAL)
 
     @kopf.on.login(registry=registry)
@@ -93,6 +96,22 @@ def build_registry(
         memo.writer = ChildWriter.from_environment(metrics.api_retries)
         if operator_settings.resync_seconds > 0:
             memo.resync = asyncio.create_task(resync(memo.writer, kwargs), name="resync")
+        memo.adapter_sync = adapter_sync(memo.writer, kwargs)
+        memo.adapter_task = asyncio.create_task(memo.adapter_sync.run_forever(), name="adapter-sync")
+
+    def adapter_sync(writer: ChildWriter, indexes: dict[str, Any]) -> AdapterSync:
+        async def refresh(body: Any) -> None:
+            event_posting.bind()
+            await reconciler.reconcile(body=body, writer=writer, indexes=indexes, trigger="adapters")
+
+        return AdapterSync(
+            operator_settings.adapter_sync_seconds,
+            writer,
+            services=lambda: [body for bodies in indexes[LLMSERVICE_INDEX].values() for body in bodies],
+            pods=lambda owner: list(indexes[POD_INDEX].get(owner, [])),
+            reports=reconciler.adapter_reports,
+            refresh=refresh,
+        )
 
     async def resync(writer: ChildWriter, indexes: dict[str, Any]) -> None:
         """kopf's indexes are live: those startup sees fill up as the watches run."""
@@ -103,6 +122,7 @@ def build_registry(
 
         async def repair(owner: tuple[str, str], gone: frozenset[tuple[str, str]]) -> None:
             body = next(iter(indexes[LLMSERVICE_INDEX].get(owner, [])), None)
+            event_posting.bind()
             if body is not None:
                 await reconciler.reconcile(
                     body=body, writer=writer, indexes=indexes, trigger="resync", gone=gone
@@ -117,10 +137,11 @@ def build_registry(
     @kopf.on.cleanup(registry=registry)
     async def close(memo: kopf.Memo, **_: Any) -> None:
         await requeue.close()
-        task = memo.get("resync")
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for name in ("resync", "adapter_task"):
+            task = memo.get(name)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         writer = memo.get("writer")
         if writer is not None:
             await writer.close()
@@ -134,12 +155,15 @@ def build_registry(
     @kopf.on.create(*llmservices, registry=registry)
     @kopf.on.update(*llmservices, registry=registry, field="spec")
     async def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        event_posting.capture()
         await reconciler.reconcile(body=body, writer=memo.writer, indexes=kwargs, trigger="change")
+        memo.adapter_sync.kick()  # the pods hear of a changed adapter set now, not a round later
 
     async def child_changed(
         namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **kwargs: Any
     ) -> None:
         """Any event of a child or pod re-runs its owner's pass: restores drift, refreshes status."""
+        event_posting.capture()
         reconciler.expectations.observed((body.get("kind", ""), namespace, name))
         owner_name = labels[LABEL_INSTANCE]
 

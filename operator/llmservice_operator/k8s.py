@@ -9,6 +9,7 @@ which reports ApplyFailed and has the pass run again later.
 """
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ from lightkube.core.resource import NamespacedResource
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
-from lightkube.resources.core_v1 import ConfigMap, Service
+from lightkube.resources.core_v1 import ConfigMap, Secret, Service
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
@@ -149,6 +150,17 @@ class ChildWriter:
                 return None
             raise
         return found.to_dict()
+
+    async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        """One key of a Secret, decoded; None when the Secret or the key is missing."""
+        try:
+            secret = await self._retrying(lambda: self._client.get(Secret, name, namespace=namespace))
+        except ApiError as error:
+            if error.status.code == 404:
+                return None
+            raise
+        encoded = (secret.data or {}).get(key)
+        return base64.b64decode(encoded).decode() if encoded is not None else None
 
     async def owner_alive(self, namespace: str, name: str, uid: str) -> bool:
         """Whether the LLMService still exists (as the same object) before a child is recreated for it."""

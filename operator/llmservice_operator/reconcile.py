@@ -20,8 +20,10 @@ import httpx
 import kopf
 from lightkube import ApiError
 
+from llmservice_operator.adapter_status import PodAdapters, adapter_events, summarize
 from llmservice_operator.builders import build_children
 from llmservice_operator.builders.common import label_selector
+from llmservice_operator.builders.config import adapter_sources
 from llmservice_operator.builders.service import service_url
 from llmservice_operator.conditions import Observation, build_status, condition_events, status_changes
 from llmservice_operator.drift import needs_apply, with_applied_hash
@@ -107,6 +109,8 @@ class Reconciler:
         # The status last written per LLMService uid: the operator is its only writer, and kopf's copy
         # of the owner lags behind the operator's own writes.
         self._written_status: dict[str, dict[str, Any]] = {}
+        # What each LLMService's ready pods last said of their adapters (written by adapter_sync.py).
+        self.adapter_reports: dict[tuple[str, str], list[PodAdapters]] = {}
 
     async def reconcile(
         self,
@@ -204,8 +208,15 @@ class Reconciler:
         if replicas is not None:  # the HPA scaled: see replicas.py
             await writer.record_replicas(namespace, name, replicas, meta.get("resourceVersion", ""))
         conflict = conflict_message(conflicts) if conflicts else None
+        adapters = summarize(
+            [adapter.model_dump(exclude_none=True) for adapter in spec.adapters],
+            adapter_sources(svc),
+            self.adapter_reports.get((namespace, name), []),
+        )
         await self._write_status(
-            body, writer, Observation(generation, deployment, view.pods(), conflict=conflict)
+            body,
+            writer,
+            Observation(generation, deployment, view.pods(), conflict=conflict, adapters=adapters),
         )
         if conflict is not None:
             # The conflicting objects lack the operator's labels, so their removal sends no event
@@ -294,12 +305,13 @@ class Reconciler:
             return
         await writer.patch_status(namespace, name, changes)
         self._written_status[meta.get("uid", "")] = desired
-        for event_type, reason, message in condition_events(
-            current.get("conditions") or [], desired["conditions"]
-        ):
+        events = condition_events(current.get("conditions") or [], desired["conditions"])
+        events += adapter_events(current.get("adapters") or [], desired["adapters"])
+        for event_type, reason, message in events:
             kopf.event(body, type=event_type, reason=reason, message=message)
 
     def forget(self, namespace: str, name: str, uid: str) -> None:
         self._metrics.conditions.forget(namespace, name)
         self._locks.pop((namespace, name), None)
         self._written_status.pop(uid, None)
+        self.adapter_reports.pop((namespace, name), None)

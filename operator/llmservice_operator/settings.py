@@ -29,6 +29,17 @@ class OperatorSettings(BaseSettings):
         description="openshift leaves the model pods' UID, GID and fsGroup to the namespace's SCC range "
         "(restricted-v2 rejects a fixed UID outside it); the chart detects it.",
     )
+    operator_namespace: str | None = Field(
+        None,
+        description="The operator's own namespace (the chart sets it): NetworkPolicies of generation "
+        "models admit it to the pods' port, through which the operator sets their adapters.",
+    )
+    adapter_sync_seconds: float = Field(
+        10,
+        gt=0,
+        description="How often every ready model pod is given its LLMService's adapters and asked for their "
+        "states (sooner while one loads, and at once after a spec change).",
+    )
     resync_seconds: float = Field(
         300,
         ge=0,

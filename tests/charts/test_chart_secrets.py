@@ -69,8 +69,8 @@ def test_the_llmservice_chart_passes_names_and_the_pods_get_references() -> None
     }
     assert secret_env == {
         ("fetch-model", "HF_TOKEN"): {"name": "hf-token", "key": "token"},
-        ("fetch-adapter-support", "HF_TOKEN"): {"name": "hf-token", "key": "token"},
         ("server", "LLM_API_KEY"): {"name": "bot-keys", "key": "api-key"},
+        ("server", "HF_TOKEN"): {"name": "hf-token", "key": "token"},
         ("server", "DB_PASSWORD"): {"name": "db", "key": "password"},
     }
     literal = [

@@ -109,6 +109,7 @@ def test_default_install() -> None:
     env = {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
     assert env == {
         "POD_ID": {"fieldRef": {"fieldPath": "metadata.name"}},
+        "LLMSERVICE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         "LLMSERVICE_PLATFORM": "kubernetes",
         "LLMSERVICE_INFERENCE_IMAGE": "ghcr.io/llmservice/inference:0.1.0",
         "LLMSERVICE_HPA_METRIC_NAME": "llmservice_in_flight_requests",

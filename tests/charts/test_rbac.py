@@ -23,6 +23,20 @@ NETWORK_POLICY = "/apis/networking.k8s.io/v1/namespaces/rbac/networkpolicies/bot
 # Not calls: the OwnerReferencesPermissionEnforcement admission plugin (on by default in OpenShift) lets a
 # child's owner reference set blockOwnerDeletion only for those who may update the owner's finalizers.
 ADMISSION_ONLY = {("serving.llmservice.io", "llmservices/finalizers", "update")}
+READY_POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {
+        "name": "bot-5c9d-x2x7q",
+        "labels": {
+            "app.kubernetes.io/instance": "bot",
+            "app.kubernetes.io/managed-by": "llmservice-operator",
+        },
+    },
+    "spec": {"containers": [{"name": "server", "image": "llm"}]},
+    # Nothing listens there: the call fails, after the key was read.
+    "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+}
 
 
 def verb(call: Call) -> str:
@@ -69,6 +83,34 @@ def operator_calls() -> set[tuple[str, str, str]]:
             ).raise_for_status()
             eventually(lambda: exists("/apis/policy/v1/namespaces/rbac/poddisruptionbudgets/bot"))
             eventually(lambda: exists(NETWORK_POLICY))
+            # A ready pod and the API key: the operator reads the key to set the pod's adapters.
+            api.post(
+                "/api/v1/namespaces/rbac/secrets",
+                json={
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "bot-key"},
+                    "stringData": {"api-key": "k"},
+                },
+            ).raise_for_status()
+            api.post("/api/v1/namespaces/rbac/pods", json=READY_POD).raise_for_status()
+            api.patch(
+                "/api/v1/namespaces/rbac/pods/bot-5c9d-x2x7q/status",
+                json={"status": READY_POD["status"]},
+                headers={"Content-Type": "application/merge-patch+json"},
+            ).raise_for_status()
+            api.patch(
+                f"{LLMS}/bot",
+                json={"spec": {"apiKeySecretRef": {"name": "bot-key"}}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            ).raise_for_status()
+            assert cluster.emulator is not None
+            eventually(
+                lambda: any(
+                    call.plural == "secrets" and call.user_agent != TEST_AGENT
+                    for call in cluster.emulator.log
+                )
+            )
             api.delete(
                 "/api/v1/namespaces/rbac/services/bot"
             ).raise_for_status()  # restored after an owner check

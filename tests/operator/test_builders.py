@@ -84,8 +84,58 @@ class TestConfigMap:
             "LLM_LOG_FORMAT": "json",
             "HF_HOME": "/var/cache/llm/hf-home",
             "HF_HUB_OFFLINE": "1",
-            "LLM_ADAPTERS": json.dumps({"support": "/mnt/pvc/loras/support"}, separators=(",", ":")),
+            "LLM_ENABLE_RUNTIME_LORA": "true",
+            "LLM_DOWNLOAD_DIR": "/var/cache/llm/models",
+            "LLM_ADAPTERS": json.dumps(
+                {"support": {"source": "/mnt/pvc/loras/support"}}, separators=(",", ":")
+            ),
         }
+
+    def test_adapters_as_the_server_takes_them(self) -> None:
+        adapters = [
+            {"name": "hub", "source": "hf://acme/support-lora", "revision": "r1"},
+            {"name": "latest", "source": "hf://acme/sql-lora"},
+            {"name": "claim", "source": "pvc://loras/claim"},
+            {"name": "local", "source": "file:///adapters/local"},
+        ]
+        data = build_config_map(service(adapters=adapters))["data"]
+        assert json.loads(data["LLM_ADAPTERS"]) == {
+            "hub": {"source": "hf://acme/support-lora", "revision": "r1"},
+            "latest": {"source": "hf://acme/sql-lora"},
+            "claim": {"source": "/mnt/pvc/loras/claim"},
+            "local": {"source": "/adapters/local"},
+        }
+
+    @pytest.mark.parametrize(
+        "adapters",
+        [
+            [{"name": "support", "source": "hf://acme/support-lora", "revision": "r2"}],
+            [{"name": "sql", "source": "file:///adapters/sql"}, {"name": "support", "source": "hf://acme/x"}],
+            [],
+        ],
+    )
+    def test_changing_the_adapters_leaves_the_pod_template_alone(
+        self, adapters: list[dict[str, Any]]
+    ) -> None:
+        """No rollout: running pods get the new set through their API, new pods from the ConfigMap."""
+        before = build_children(
+            service(adapters=[{"name": "support", "source": "hf://acme/support-lora"}]), SETTINGS
+        )
+        after = build_children(service(adapters=adapters), SETTINGS)
+        template = next(child for child in before.desired if child["kind"] == "Deployment")["spec"][
+            "template"
+        ]
+        assert (
+            next(child for child in after.desired if child["kind"] == "Deployment")["spec"]["template"]
+            == template
+        )
+        assert before.desired[0]["data"]["LLM_ADAPTERS"] != after.desired[0]["data"]["LLM_ADAPTERS"]
+
+    def test_the_hub_token_reaches_the_server_for_adapter_downloads(self) -> None:
+        env = server(hfTokenSecretRef={"name": "hf"})["env"]
+        assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
+        assert "env" not in server()
+        assert "env" not in server(task="embed", hfTokenSecretRef={"name": "hf"})
 
     def test_cpu_serving_and_limits(self) -> None:
         data = build_config_map(
@@ -143,7 +193,7 @@ class TestDeployment:
             "memory": "8Gi",
             "ephemeral-storage": "50Gi",
         }
-        assert [init["resources"] for init in spec["initContainers"]] == 2 * [
+        assert [init["resources"] for init in spec["initContainers"]] == [
             {"requests": {"cpu": "250m", "memory": "512Mi", "ephemeral-storage": "50Gi"}}
         ]
         cpu_serving = server(gpus=0)["resources"]
@@ -235,7 +285,8 @@ class TestDeployment:
             ],
             hfTokenSecretRef={"name": "hf"},
         )["initContainers"]
-        assert [item["name"] for item in init] == ["fetch-model", "fetch-adapter-support"]
+        # Adapters are fetched by the server at run time: an init container each would roll the pods.
+        assert [item["name"] for item in init] == ["fetch-model"]
         assert init[0]["args"] == [
             "download",
             "--source",
@@ -245,7 +296,6 @@ class TestDeployment:
             "--revision",
             "v2",
         ]
-        assert init[1]["args"][-2:] == ["--revision", "r1"]
         assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in init[0][
             "env"
         ]
@@ -496,7 +546,26 @@ class TestPoolingModels:
         expected = copy.deepcopy(generative.desired)
         config_map, _, server_deployment = expected[:3]
         config_map["data"]["LLM_TASK"] = task
+        # Adapters are for generation: the adapter settings and the operator's way into the pods go.
+        for key in ("LLM_ENABLE_RUNTIME_LORA", "LLM_DOWNLOAD_DIR", "LLM_ADAPTERS"):
+            del config_map["data"][key]
         server_deployment["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CONFIG_HASH] = (
             config_hash(config_map)
         )
         assert pooling.desired == expected
+
+
+def test_the_operators_namespace_is_admitted_to_generation_pods() -> None:
+    """The operator sets the adapters through each pod's port; pooling models take no adapters."""
+    operator_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llm-system"}}}
+    policy = build_network_policy(
+        service(networkPolicy={"enabled": True, "ingressFrom": PEERS}), "llm-system"
+    )
+    assert policy["spec"]["ingress"][0]["from"] == [*PEERS, operator_peer]
+    pooling = build_network_policy(
+        service(task="embed", networkPolicy={"enabled": True, "ingressFrom": PEERS}), "llm-system"
+    )
+    assert pooling["spec"]["ingress"][0]["from"] == PEERS
+    settings = OperatorSettings(operator_namespace="llm-system")
+    children = build_children(service(networkPolicy={"enabled": True, "ingressFrom": PEERS}), settings)
+    assert operator_peer in children.desired[-1]["spec"]["ingress"][0]["from"]

@@ -94,10 +94,8 @@ def test_create_builds_owned_children_and_status(kube: Client, namespace: str) -
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "llmservice-operator"
     assert "replicas" not in deployment["spec"], "the HPA owns replicas"
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "llmservice_in_flight_requests"
-    assert [c["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"]] == [
-        "fetch-model",
-        "fetch-adapter-support",
-    ]
+    # The model only: adapters are the server's to fetch, so that changing them rolls no pod.
+    assert [c["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"]] == ["fetch-model"]
 
     status = eventually(lambda: get(kube, LLMServiceResource, namespace, "bot").get("status"))
     assert status["url"] == f"http://bot.{namespace}.svc.cluster.local"
@@ -105,6 +103,18 @@ def test_create_builds_owned_children_and_status(kube: Client, namespace: str) -
     assert status["observedGeneration"] == 1
     assert condition(kube, namespace, "bot", "Ready")["status"] == "False"
     assert condition(kube, namespace, "bot", "Progressing")["status"] == "True"
+    # No pod is ready to serve the adapter yet.
+    assert status["adapters"] == [
+        {
+            "name": "support",
+            "source": "hf://acme/support-lora",
+            "state": "Pending",
+            "reason": "no ready pod yet",
+            "readyPods": 0,
+        }
+    ]
+    adapters_ready = condition(kube, namespace, "bot", "AdaptersReady")
+    assert (adapters_ready["status"], adapters_ready["reason"]) == ("False", "AdaptersLoading")
     assert eventually(
         lambda: (
             {event["message"] for event in events(kube, namespace)}

@@ -24,9 +24,20 @@ def _server_and_config_map() -> tuple[dict, dict]:
     return deployment["spec"]["template"]["spec"]["containers"][0], config_map
 
 
-def test_the_only_env_entry_the_operator_sets_is_the_api_key() -> None:
+def test_the_env_entries_the_operator_sets_are_the_api_key_and_the_hub_token() -> None:
     server, _ = _server_and_config_map()
-    assert [entry["name"] for entry in server["env"]] == [API_KEY_ENV]
+    assert [entry["name"] for entry in server["env"]] == [API_KEY_ENV, "HF_TOKEN"]
+
+
+def test_a_users_own_hub_token_entry_is_kept_instead_of_the_operators() -> None:
+    """HF_TOKEN is not reserved (specs set it before the server downloaded adapters): the user's wins."""
+    own = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}}
+    svc = LLMService(name="bot", namespace="team", spec=parse_spec({**EVERYTHING, "env": [own]}))
+    config_map = build_config_map(svc)
+    server = build_deployment(svc, OperatorSettings(), config_map)["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    assert [entry for entry in server["env"] if entry["name"] == "HF_TOKEN"] == [own]
 
 
 def test_the_config_map_sets_exactly_the_reserved_names() -> None:

@@ -88,10 +88,16 @@ security.openshift.io API group only with --api-versions. */}}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods: read-only, for status (Unschedulable, ImagePullBackOff, CrashLoopBackOff, termination messages).
+# Pods: read-only, for status (Unschedulable, ImagePullBackOff, CrashLoopBackOff, termination messages)
+# and for the IPs of the ready ones, whose adapters the operator sets through their API.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# Secrets: get only, and only the one an LLMService names in spec.apiKeySecretRef, read to call its pods'
+# adapter API (the value is never logged nor written anywhere).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 # Events on LLMServices.
 - apiGroups: [""]
   resources: ["events"]

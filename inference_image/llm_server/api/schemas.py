@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from llm_server.config import AdapterSource
+
 MAX_MESSAGES = 4096
 MAX_PROMPT_CHARS = 1_000_000
 MAX_INPUTS = 2048  # OpenAI's bound on the inputs of one embeddings request
@@ -481,6 +483,39 @@ class PredictResponse(BaseModel):
 class LoadLoraRequest(BaseModel):
     lora_name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")]
     lora_path: Annotated[str, Field(min_length=1)]
+
+
+class AdapterEntry(AdapterSource):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")]
+
+
+class AdapterSetRequest(BaseModel):
+    """The whole set to serve: adapters not listed are removed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: Annotated[list[AdapterEntry], Field(max_length=256)]
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, adapters: list[AdapterEntry]) -> list[AdapterEntry]:
+        names = [adapter.name for adapter in adapters]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"adapter names must be unique; repeated: {', '.join(repeated)}")
+        return adapters
+
+
+class AdapterStatus(BaseModel):
+    name: str
+    source: str
+    revision: str | None
+    state: Literal["Pending", "Loading", "Ready", "Failed"]
+    reason: str | None
+
+
+class AdapterSetResponse(BaseModel):
+    adapters: list[AdapterStatus]
 
 
 class UnloadLoraRequest(BaseModel):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import queue
@@ -63,6 +64,9 @@ class Job:
     out: asyncio.Queue[Delta | BaseException]
     outbox: list[tuple[Job, Delta | BaseException]]  # the engine's: delivered once per step
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # The adapter version chosen at admission: a replaced or removed adapter stays loaded until the
+    # requests admitted before the change are done with it.
+    adapter: str | None = None
 
     def emit(self, item: Delta | BaseException) -> None:
         self.outbox.append((self, item))
@@ -285,6 +289,11 @@ class BatchingEngine:
         self._lock = threading.Lock()  # guards _waiting and _batch membership as seen by readers
         self._model_lock = threading.Lock()  # held while the model steps or its adapters change
         self._waiting: list[Job] = []
+        # Served adapter name -> its loaded version (peft's adapter name); retired versions wait to be
+        # unloaded until no request uses them.
+        self._routes: dict[str, str] = {name: name for name in loaded.adapters}
+        self._retired: set[str] = set()
+        self._versions = itertools.count(1)
         self._joining: list[Job] = []  # out of the queue, not yet in the batch: the step being planned
         self._wakeup: queue.Queue[None] = queue.Queue()
         self._batch = Batch(SlotCache(loaded.model.config.num_hidden_layers, max_batch_size, loaded.device))
@@ -346,23 +355,29 @@ class BatchingEngine:
         return self._step_times
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """Served names of the adapters running and waiting requests use."""
         with self._lock:
-            running = {sequence.adapter for sequence in self._batch.sequences} - {None}
-            waiting = {job.prompt.model for job in self._waiting} & set(self._loaded.adapters)
-        return sorted(running), sorted(waiting)  # type: ignore[type-var]
+            running = {sequence.job.prompt.model for sequence in self._batch.sequences if sequence.adapter}
+            waiting = {job.prompt.model for job in self._waiting if job.adapter}
+        return sorted(running), sorted(waiting)
+
+    def _versions_in_use(self) -> set[str]:
+        with self._lock:
+            jobs = [sequence.job for sequence in self._batch.sequences] + self._waiting + self._joining
+        return {job.adapter for job in jobs if job.adapter}
 
     def models(self) -> list[ModelCard]:
         cards = [ModelCard(self._base_model, None, "base")]
-        cards += [
-            ModelCard(name, self._base_model, path) for name, path in sorted(self._loaded.adapters.items())
-        ]
+        paths = self._loaded.adapters
+        cards += [ModelCard(name, self._base_model, paths[key]) for name, key in sorted(self._routes.items())]
         return cards
 
     def _adapter_for(self, model: str) -> str | None:
         if model == self._base_model:
             return None
-        if model in self._loaded.adapters:
-            return model
+        key = self._routes.get(model)
+        if key is not None:
+            return key
         raise UnknownModel(f"The model `{model}` does not exist.")
 
     # -- tokenization -------------------------------------------------------------------------------
@@ -400,8 +415,8 @@ class BatchingEngine:
     # -- admission and streaming --------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Admits the request now (QueueFull here, before any response is started), then streams."""
-        self._adapter_for(prompt.model)
-        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), self._outbox)
+        adapter = self._adapter_for(prompt.model)
+        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), self._outbox, adapter=adapter)
         with self._lock:
             if self._queued_with(job) > self._max_queued:
                 raise QueueFull(len(self._waiting))
@@ -446,6 +461,8 @@ class BatchingEngine:
     # -- the worker ---------------------------------------------------------------------------------
     def _work(self) -> None:
         while not self._stopping:
+            if self._retired:
+                self._unload_retired()
             if not self._batch and not self._waiting:
                 self._wakeup.get()
                 continue
@@ -526,11 +543,16 @@ class BatchingEngine:
                 job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
         return newcomers
 
+    def _admitted_adapter(self, job: Job) -> str | None:
+        if job.adapter is not None and job.adapter not in self._loaded.adapters:
+            raise UnknownModel(f"The model `{job.prompt.model}` does not exist.")
+        return job.adapter
+
     def _start(self, job: Job, chunk: int) -> Sequence:
         """`chunk`: tokens per step if its prompt is longer (0: all at once, nobody is decoding)."""
         return Sequence(
             job=job,
-            adapter=self._adapter_for(job.prompt.model),
+            adapter=self._admitted_adapter(job),
             generator=make_generator(job.params, self._loaded.device),
             detokenizer=IncrementalDetokenizer(self._loaded.tokenizer),
             stops=StopMatcher(job.params.stop),
@@ -674,17 +696,43 @@ class BatchingEngine:
 
     # -- adapters at run time -----------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str) -> None:
-        await asyncio.to_thread(self._change_adapters, attach_adapter, name, path)
+        """vLLM's load: a name already served is refused."""
+        if name in self._routes:
+            raise AdapterError(f"adapter {name!r} is already loaded")
+        await self.replace_adapter(name, path)
+
+    async def replace_adapter(self, name: str, path: str) -> None:
+        """Serves `name` from `path`: requests admitted before finish on the version they started with."""
+        await asyncio.to_thread(self._replace_adapter, name, path)
 
     async def unload_adapter(self, name: str) -> None:
-        await asyncio.to_thread(self._change_adapters, detach_adapter, name)
+        """New requests for `name` get 404 at once; those admitted before it finish first."""
+        with self._lock:
+            key = self._routes.pop(name, None)
+            if key is None:
+                raise AdapterError(f"adapter {name!r} is not loaded")
+            self._retired.add(key)
+        self._wakeup.put(None)
 
-    def _change_adapters(self, change: Any, name: str, *args: str) -> None:
+    def _replace_adapter(self, name: str, path: str) -> None:
         with self._model_lock:  # between two steps
-            running, waiting = self.adapters_in_use()
-            if change is detach_adapter and name in set(running) | set(waiting):
-                raise AdapterError(f"adapter {name!r} is serving requests; retry when they are done")
-            change(self._loaded, name, *args)
+            key = name if name not in self._loaded.adapters else f"{name}@{next(self._versions)}"
+            attach_adapter(self._loaded, key, path)
+            with self._lock:
+                previous = self._routes.get(name)
+                self._routes[name] = key
+                if previous is not None:
+                    self._retired.add(previous)
+        self._wakeup.put(None)
+
+    def _unload_retired(self) -> None:
+        with self._model_lock:
+            for key in sorted(self._retired - self._versions_in_use()):
+                self._retired.discard(key)
+                try:
+                    detach_adapter(self._loaded, key)
+                except Exception:  # the model still serves: a leaked version costs memory, not requests
+                    logger.exception("unloading a retired adapter failed", extra={"adapter": key})
 
     def shutdown(self) -> None:
         self._stopping = True

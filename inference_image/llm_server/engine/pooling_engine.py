@@ -249,6 +249,9 @@ class BatchPoolingEngine:
     async def load_adapter(self, name: str, path: str) -> None:
         raise AdapterError(f"LoRA adapters serve generation only; this model is served for {self.task}")
 
+    async def replace_adapter(self, name: str, path: str) -> None:
+        await self.load_adapter(name, path)
+
     async def unload_adapter(self, name: str) -> None:
         raise AdapterError(f"adapter {name!r} is not loaded")
 

@@ -43,7 +43,7 @@ def build_children(svc: LLMService, settings: OperatorSettings) -> Children:
     else:
         absent.append(ChildRef("policy/v1", "PodDisruptionBudget", svc.name))
     if wants_network_policy(svc):
-        desired.append(build_network_policy(svc))
+        desired.append(build_network_policy(svc, settings.operator_namespace))
     else:
         absent.append(ChildRef("networking.k8s.io/v1", "NetworkPolicy", svc.name))
     return Children(desired=desired, absent=absent)

@@ -1,4 +1,9 @@
-"""The ConfigMap that carries the inference server's LLM_* settings, and its hash."""
+"""The ConfigMap that carries the inference server's LLM_* settings, and its hash.
+
+LLM_ADAPTERS is outside the hash: a changed adapter set reaches running pods through their adapter API
+(adapter_sync.py), and a pod started later reads the current set from this ConfigMap, so no edit of
+spec.adapters rolls the pods.
+"""
 
 import hashlib
 import json
@@ -8,6 +13,8 @@ from llmservice_operator.builders.common import metadata
 from llmservice_operator.builders.placement import local_path
 from llmservice_operator.constants import CACHE_MOUNT, SERVER_PORT
 from llmservice_operator.spec import LLMService
+
+ADAPTERS_KEY = "LLM_ADAPTERS"
 
 
 def config_map_name(svc: LLMService) -> str:
@@ -33,17 +40,35 @@ def server_settings(svc: LLMService) -> dict[str, str]:
         "HF_HOME": f"{CACHE_MOUNT}/hf-home",
         "HF_HUB_OFFLINE": "1",
     }
-    if spec.adapters:
-        adapters = {adapter.name: local_path(adapter) for adapter in spec.adapters}
-        settings["LLM_ADAPTERS"] = json.dumps(adapters, separators=(",", ":"))
+    if spec.task == "generate":
+        # The operator sets the adapters at run time; hf:// ones are downloaded by the server into the
+        # cache volume (the same directory an init container would use), pvc:// ones read from the claim.
+        settings["LLM_ENABLE_RUNTIME_LORA"] = "true"
+        settings["LLM_DOWNLOAD_DIR"] = f"{CACHE_MOUNT}/models"
+        settings[ADAPTERS_KEY] = json.dumps(adapter_sources(svc), separators=(",", ":"))
     if spec.serving.max_model_len is not None:
         settings["LLM_MAX_MODEL_LEN"] = str(spec.serving.max_model_len)
     return settings
 
 
+def adapter_sources(svc: LLMService) -> dict[str, dict[str, str]]:
+    """spec.adapters as the server takes them (LLM_ADAPTERS, PUT /v1/adapters): name to source."""
+    sources = {}
+    for adapter in svc.spec.adapters:
+        entry = {"source": adapter.source}
+        if adapter.scheme == "hf":
+            if adapter.revision:
+                entry["revision"] = adapter.revision
+        else:  # pvc:// and file:// as the directory the pod sees
+            entry["source"] = local_path(adapter)
+        sources[adapter.name] = entry
+    return sources
+
+
 def config_hash(config_map: dict[str, Any]) -> str:
-    """Changes whenever the data changes; on the pod template it rolls the pods."""
-    encoded = json.dumps(config_map["data"], sort_keys=True).encode()
+    """Changes whenever the data changes, except the adapters; on the pod template it rolls the pods."""
+    data = {key: value for key, value in config_map["data"].items() if key != ADAPTERS_KEY}
+    encoded = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 

@@ -128,6 +128,14 @@ def _server_container(svc: LLMService, image: str, config_map: dict[str, Any]) -
     env = []
     if svc.spec.api_key_secret_ref is not None:
         env.append(_secret_env("LLM_API_KEY", svc.spec.api_key_secret_ref))
+    # hf:// adapters are downloaded by the server at run time; a user's own HF_TOKEN entry is kept instead.
+    user_names = {item.name for item in svc.spec.env}
+    if (
+        svc.spec.hf_token_secret_ref is not None
+        and svc.spec.task == "generate"
+        and "HF_TOKEN" not in user_names
+    ):
+        env.append(_secret_env("HF_TOKEN", svc.spec.hf_token_secret_ref))
     env += _dump(svc.spec.env)
     container: dict[str, Any] = {
         "name": "server",

@@ -11,9 +11,16 @@ def wants_network_policy(svc: LLMService) -> bool:
     return svc.spec.network_policy.enabled
 
 
-def build_network_policy(svc: LLMService) -> dict[str, Any]:
+def build_network_policy(svc: LLMService, operator_namespace: str | None = None) -> dict[str, Any]:
     # The spec guarantees peers when enabled: a rule without `from` would admit everyone.
-    peers = svc.spec.network_policy.ingress_from
+    peers: list[dict[str, Any]] = [
+        peer.model_dump(by_alias=True, exclude_defaults=True) for peer in svc.spec.network_policy.ingress_from
+    ]
+    if operator_namespace and svc.spec.task == "generate":
+        # The operator sets each pod's adapters through its API (adapter_sync.py).
+        peers.append(
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}}
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -25,7 +32,7 @@ def build_network_policy(svc: LLMService) -> dict[str, Any]:
             "ingress": [
                 {
                     # Unset selectors and empty lists left out; an empty selector stays {} (match all).
-                    "from": [peer.model_dump(by_alias=True, exclude_defaults=True) for peer in peers],
+                    "from": peers,
                     # The number, not the port's name: not every network plugin resolves named ports.
                     "ports": [{"protocol": "TCP", "port": SERVER_PORT}],
                 }

@@ -11,7 +11,8 @@ _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 @dataclass(frozen=True)
 class Download:
-    """One hf:// artifact the init containers fetch into the cache volume."""
+    """The hf:// model, which an init container fetches into the cache volume (adapters are fetched by
+    the server itself, at run time: an init container per adapter would change the pod template)."""
 
     container_name: str
     source: str
@@ -33,7 +34,8 @@ def local_path(source: Source) -> str:
 
 
 def pvc_claims(svc: LLMService) -> list[str]:
-    """Claims named by pvc:// sources, in first-seen order (each becomes one read-only volume)."""
+    """Claims named by pvc:// sources, in first-seen order (each becomes one read-only volume). A pod's
+    volumes are fixed: an adapter on a claim no other source names adds a volume and rolls the pods."""
     sources: list[Source] = [svc.spec.model, *svc.spec.adapters]
     claims: list[str] = []
     for source in sources:
@@ -45,15 +47,7 @@ def pvc_claims(svc: LLMService) -> list[str]:
 
 
 def downloads(svc: LLMService) -> list[Download]:
-    fetches = []
-    if svc.spec.model.scheme == "hf":
-        model = svc.spec.model
-        fetches.append(Download("fetch-model", model.source, model.revision, local_path(model)))
-    for adapter in svc.spec.adapters:
-        if adapter.scheme == "hf":
-            fetches.append(
-                Download(
-                    f"fetch-adapter-{adapter.name}", adapter.source, adapter.revision, local_path(adapter)
-                )
-            )
-    return fetches
+    model = svc.spec.model
+    if model.scheme != "hf":
+        return []
+    return [Download("fetch-model", model.source, model.revision, local_path(model))]
