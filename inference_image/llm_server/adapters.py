@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 State = Literal["Pending", "Loading", "Ready", "Failed"]
 RETRY_SECONDS = 30.0  # after a failure, doubling up to MAX_RETRY_SECONDS: a download may come right
 MAX_RETRY_SECONDS = 300.0
+DOWNLOAD_TIMEOUT_SECONDS = 3600.0
 # peft's own words for an adapter trained on another architecture, turned into what to check.
 INCOMPATIBLE_HINTS = ("not found in the base model", "size mismatch", "Error(s) in loading state_dict")
 
@@ -47,6 +48,7 @@ class _Record:
     loaded: AdapterSource | None = None  # the version the engine serves under this name, if any
     failures: int = 0
     retry_at: float = 0.0
+    retrying: bool = False  # a failed one tried again: it stays Failed, with its reason, until it loads
 
 
 async def fetch_adapter(source: AdapterSource, download_dir: Path) -> Path:
@@ -73,7 +75,10 @@ async def fetch_adapter(source: AdapterSource, download_dir: Path) -> Path:
         *args, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        _, stderr = await process.communicate()
+        _, stderr = await asyncio.wait_for(process.communicate(), DOWNLOAD_TIMEOUT_SECONDS)
+    except TimeoutError:
+        process.kill()
+        raise AdapterFailed(f"download failed: not done after {DOWNLOAD_TIMEOUT_SECONDS:.0f} s") from None
     except asyncio.CancelledError:
         process.kill()
         raise
@@ -93,8 +98,11 @@ def check_rank(path: Path, max_rank: int) -> None:
         raise AdapterFailed(f"not a LoRA adapter: no adapter_config.json in {path}") from None
     except (OSError, ValueError) as error:
         raise AdapterFailed(f"unreadable adapter_config.json in {path}: {error}") from None
-    ranks = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
-    rank = max(int(value) for value in ranks)
+    try:
+        ranks = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
+        rank = max(int(value) for value in ranks)
+    except (AttributeError, TypeError, ValueError):
+        raise AdapterFailed(f"adapter_config.json in {path} has no valid rank (r, rank_pattern)") from None
     if rank > max_rank:
         raise AdapterFailed(f"rank {rank} is above this server's limit of {max_rank} (LLM_MAX_LORA_RANK)")
 
@@ -142,8 +150,9 @@ class AdapterManager:
                 self._records[name] = _Record(source)
             elif record.wanted != source:
                 record.wanted, record.state, record.reason, record.failures = source, "Pending", None, 0
+                record.retrying = False
             elif record.state == "Failed" and now >= record.retry_at:
-                record.state = "Pending"
+                record.state, record.retrying = "Pending", True
         if any(record.state == "Pending" for record in self._records.values()):
             self._idle.clear()
             self._work.set()
@@ -154,7 +163,7 @@ class AdapterManager:
                 "name": name,
                 "source": record.wanted.source,
                 "revision": record.wanted.revision,
-                "state": record.state,
+                "state": "Failed" if record.retrying else record.state,
                 "reason": record.reason,
             }
             for name, record in sorted(self._records.items())
@@ -181,7 +190,9 @@ class AdapterManager:
 
     async def _load(self, name: str, record: _Record) -> None:
         source = record.wanted
-        record.state, record.reason = "Loading", None
+        record.state = "Loading"
+        if not record.retrying:
+            record.reason = None
         logger.info("loading adapter", extra={"adapter": name, "source": source.source})
         try:
             path = await self._fetch(source, self._download_dir)
@@ -191,16 +202,20 @@ class AdapterManager:
             reason = str(error)
         except AdapterError as error:
             reason = describe_load_error(error)
+        except Exception as error:  # whatever it is, this adapter failed and the next ones still load
+            logger.exception("loading an adapter failed", extra={"adapter": name})
+            reason = f"failed to load: {type(error).__name__}: {error}"
         else:
             reason = None
         if self._records.get(name) is not record:  # removed while it loaded
             if reason is None:
                 await self._unload(name)
             return
+        record.retrying = False
         if reason is None:
             record.loaded = source
             if record.wanted == source:
-                record.state, record.failures = "Ready", 0
+                record.state, record.failures, record.reason = "Ready", 0, None
                 logger.info("adapter ready", extra={"adapter": name, "source": source.source})
             else:
                 record.state = "Pending"  # changed again while it loaded

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
+from lightkube import ApiError
 
 from llmservice_operator.adapter_status import PodAdapters, Report
 from llmservice_operator.builders.config import adapter_sources
@@ -103,9 +104,12 @@ class AdapterSync:
 
     async def sync_all(self) -> bool:
         """One round over every LLMService; True while some adapter is still loading somewhere."""
-        results = await asyncio.gather(
-            *(self._sync(body) for body in self._services()), return_exceptions=True
-        )
+        services = self._services()
+        results = await asyncio.gather(*(self._sync(body) for body in services), return_exceptions=True)
+        # Reports of LLMServices gone (or no longer generating) go with them.
+        kept = {(body["metadata"]["namespace"], body["metadata"]["name"]) for body in services}
+        for owner in [owner for owner in self._reports if owner not in kept]:
+            del self._reports[owner]
         for result in results:
             if isinstance(result, BaseException):
                 logger.error("syncing adapters of an LLMService failed", exc_info=result)
@@ -140,15 +144,28 @@ class AdapterSync:
             answers.update(zip(calling, replies, strict=True))
         reports = [PodAdapters(pod, answers[pod]) for pod in addresses]
         if reports != self._reports.get(owner):
-            self._reports[owner] = reports
-            await self._refresh(body)
+            previous = self._reports.get(owner)
+            self._reports[owner] = reports  # the pass reads it from here
+            try:
+                await self._refresh(body)
+            except BaseException:
+                # Not in status yet: the next round must see a change and try the pass again.
+                if previous is None:
+                    self._reports.pop(owner, None)
+                else:
+                    self._reports[owner] = previous
+                raise
         return unsettled(reports)
 
     async def _auth(self, svc: LLMService) -> tuple[dict[str, str], str | None]:
         ref = svc.spec.api_key_secret_ref
         if ref is None:
             return {}, None
-        key = await self._writer.secret_value(svc.namespace, ref.name, ref.key)
+        try:
+            key = await self._writer.secret_value(svc.namespace, ref.name, ref.key)
+        except (ApiError, UnicodeDecodeError) as error:
+            detail = error.status.message if isinstance(error, ApiError) else "not UTF-8"
+            return {}, f"the API key Secret {ref.name} could not be read: {detail}"
         if key is None:
             return {}, f"the API key Secret {ref.name} (key {ref.key}) could not be read"
         return {"Authorization": f"Bearer {key}"}, None
@@ -161,7 +178,11 @@ class AdapterSync:
                     adapters_url(ip), json={"adapters": entries}, headers=headers
                 ) as reply:
                     if reply.status != 200:
-                        return f"the pod's adapter API answered HTTP {reply.status}"
+                        detail = ""
+                        if reply.status == 400:  # the set itself was refused: say why
+                            body = await reply.json(content_type=None)
+                            detail = f": {body['error']['message']}"
+                        return f"the pod's adapter API answered HTTP {reply.status}{detail}"
                     return list((await reply.json())["adapters"])
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as error:
                 return f"the pod's adapter API could not be reached: {type(error).__name__}"

@@ -30,6 +30,14 @@ def adapters(demo: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     config["target_modules"] = ["w_fancy_proj"]
     (wrong_targets / "adapter_config.json").write_text(json.dumps(config))
     made["wrong-targets"] = wrong_targets
+    # Weights of rank 8 under a config of rank 4: peft adds the layers, then the weights do not fit.
+    wrong_shapes = Path(shutil.copytree(demo[1], root / "wrong-shapes"))
+    config = json.loads((wrong_shapes / "adapter_config.json").read_text())
+    (wrong_shapes / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    made["wrong-shapes"] = wrong_shapes
+    bad_rank = Path(shutil.copytree(demo[1], root / "bad-rank"))
+    (bad_rank / "adapter_config.json").write_text(json.dumps({**config, "r": "eight"}))
+    made["bad-rank"] = bad_rank
     made["empty"] = root / "empty"
     made["empty"].mkdir()
     return made
@@ -245,3 +253,41 @@ def test_the_set_needs_the_api_key_and_a_valid_body(server: RunningServer, adapt
     revision = [{"name": "a", "source": str(adapters["first"]), "revision": "v1"}]
     assert httpx.put(url, json={"adapters": revision}, headers=AUTH).status_code == 400
     assert set(settle(server)) == {"kept"}  # nothing applied from a refused body
+
+
+def _greedy_logprobs(server: RunningServer, model: str) -> list[float]:
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+
+@pytest.mark.parametrize("loaded_before", [False, True], ids=["first-adapter", "beside-others"])
+def test_a_load_that_fails_halfway_leaves_the_model_as_it_was(
+    demo: tuple[Path, Path], adapters: dict[str, Path], loaded_before: bool
+) -> None:
+    """peft adds an adapter's layers before its weights: when they do not fit, the layers must go again, or
+    the base model (and the other adapters) would run a half-loaded adapter, and the name stay poisoned."""
+    start = {"kept": adapters["first"]} if loaded_before else {}
+    with running_server(
+        demo[0], served_model_name="tiny", enable_runtime_lora=True, adapters=start, api_key="s3cret"
+    ) as server:
+        settle(server)
+        models = ["tiny", *start]
+        before = {model: _greedy_logprobs(server, model) for model in models}
+        entries = [{"name": name, "source": str(path)} for name, path in start.items()]
+        broken = [*entries, {"name": "shapes", "source": str(adapters["wrong-shapes"])}]
+        broken.append({"name": "bad-rank", "source": str(adapters["bad-rank"])})
+        assert put(server, broken).status_code == 200
+        report = settle(server)
+        assert report["shapes"]["state"] == "Failed"
+        assert report["shapes"]["reason"].startswith("incompatible with the base model")
+        assert report["bad-rank"]["reason"] == (
+            f"adapter_config.json in {adapters['bad-rank']} has no valid rank (r, rank_pattern)"
+        )
+        assert {model: _greedy_logprobs(server, model) for model in models} == before
+        # The name is not poisoned: the same name from a good adapter loads.
+        fixed = [*entries, {"name": "shapes", "source": str(adapters["second"])}]
+        assert put(server, fixed).status_code == 200
+        assert settle(server)["shapes"]["state"] == "Ready"
+        assert chat(server, "shapes").status_code == 200

@@ -93,8 +93,8 @@ security.openshift.io API group only with --api-versions. */}}
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# Secrets: get only, and only the one an LLMService names in spec.apiKeySecretRef, read to call its pods'
-# adapter API (the value is never logged nor written anywhere).
+# Secrets: get only. RBAC cannot narrow it to the Secrets LLMServices name in spec.apiKeySecretRef, but
+# those are the only ones the operator reads, to call the pods' adapter API (never logged nor written).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]

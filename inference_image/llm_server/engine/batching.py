@@ -362,15 +362,16 @@ class BatchingEngine:
         return sorted(running), sorted(waiting)
 
     def _versions_in_use(self) -> set[str]:
-        with self._lock:
-            jobs = [sequence.job for sequence in self._batch.sequences] + self._waiting + self._joining
+        """Under the lock."""
+        jobs = [sequence.job for sequence in self._batch.sequences] + self._waiting + self._joining
         return {job.adapter for job in jobs if job.adapter}
 
     def models(self) -> list[ModelCard]:
+        with self._lock:
+            routes = sorted(self._routes.items())
+            paths = dict(self._loaded.adapters)
         cards = [ModelCard(self._base_model, None, "base")]
-        paths = self._loaded.adapters
-        cards += [ModelCard(name, self._base_model, paths[key]) for name, key in sorted(self._routes.items())]
-        return cards
+        return cards + [ModelCard(name, self._base_model, paths[key]) for name, key in routes if key in paths]
 
     def _adapter_for(self, model: str) -> str | None:
         if model == self._base_model:
@@ -415,9 +416,9 @@ class BatchingEngine:
     # -- admission and streaming --------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Admits the request now (QueueFull here, before any response is started), then streams."""
-        adapter = self._adapter_for(prompt.model)
-        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), self._outbox, adapter=adapter)
-        with self._lock:
+        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), self._outbox)
+        with self._lock:  # the version chosen and the job queued at once: no retirement unloads it between
+            job.adapter = self._adapter_for(prompt.model)
             if self._queued_with(job) > self._max_queued:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(job)
@@ -716,7 +717,9 @@ class BatchingEngine:
 
     def _replace_adapter(self, name: str, path: str) -> None:
         with self._model_lock:  # between two steps
-            key = name if name not in self._loaded.adapters else f"{name}@{next(self._versions)}"
+            key = name
+            while key in self._loaded.adapters:
+                key = f"{name}@{next(self._versions)}"
             attach_adapter(self._loaded, key, path)
             with self._lock:
                 previous = self._routes.get(name)
@@ -727,8 +730,10 @@ class BatchingEngine:
 
     def _unload_retired(self) -> None:
         with self._model_lock:
-            for key in sorted(self._retired - self._versions_in_use()):
-                self._retired.discard(key)
+            with self._lock:
+                idle = sorted(self._retired - self._versions_in_use())
+                self._retired.difference_update(idle)
+            for key in idle:
                 try:
                     detach_adapter(self._loaded, key)
                 except Exception:  # the model still serves: a leaked version costs memory, not requests

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -113,14 +113,27 @@ def attach_adapter(loaded: LoadedModel, name: str, path: str) -> None:
         raise AdapterError(f"adapter {name!r} is already loaded")
     if not (Path(path) / "adapter_config.json").exists():
         raise AdapterError(f"adapter {name!r} failed to load: no adapter_config.json in {path}")
+    # peft puts an adapter's layers into the model before it loads their weights: a load that fails
+    # (e.g. a shape mismatch) must take them out again, or the base model would run a half-loaded adapter.
+    fresh = not loaded.has_peft
     try:
-        if loaded.has_peft:
-            loaded.model.load_adapter(path, adapter_name=name)
-        else:
-            loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name)
-        loaded.model.eval()
-    except Exception as error:  # peft raises many kinds (shape mismatch, missing keys, bad config)
+        target = (
+            PeftModel(loaded.model, PeftConfig.from_pretrained(path), adapter_name=name)
+            if fresh
+            else loaded.model
+        )
+    except Exception as error:  # peft raises many kinds (missing target modules, bad config)
         raise AdapterError(f"adapter {name!r} failed to load from {path}: {error}") from error
+    try:
+        target.load_adapter(path, adapter_name=name)
+        target.eval()
+    except Exception as error:  # shape mismatch, missing keys, unreadable weights
+        if fresh:
+            target.unload()  # back to the plain model
+        elif name in target.peft_config:
+            target.delete_adapter(name)
+        raise AdapterError(f"adapter {name!r} failed to load from {path}: {error}") from error
+    loaded.model = target
     loaded.adapters[name] = path
     loaded.rows.attach(loaded.model)
 
