@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VERSION ?= 0.1.0
 
-.PHONY: install test lint format demo bench bench-adapters bench-operator bench-faults chart-crds images e2e cluster-build cluster-up cluster-down clean
+.PHONY: install test lint format demo bench bench-peers bench-adapters bench-operator bench-faults chart-crds images e2e cluster-build cluster-up cluster-down clean
 
 install: $(INSTALLED)
 
@@ -35,6 +35,10 @@ demo: install
 # Serving throughput and latency over HTTP: continuous batching vs the seed's approach (minutes).
 bench: install
 	$(PY) -m benchmarks.serving_bench
+
+# bench's fixed scenario against llama-server (built once into ~/.cache/llmservice) and transformers serve.
+bench-peers: install
+	$(PY) -m benchmarks.peers_bench
 
 # Adapters changed on running pods vs the pod rollout the same change took before (real control plane).
 bench-adapters: install

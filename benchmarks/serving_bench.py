@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +118,14 @@ async def event_lines(response: httpx.Response) -> AsyncIterator[str]:
 
 
 async def one_request(
-    client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str, extra: dict[str, Any] | None = None
+    client: httpx.AsyncClient,
+    prompt: str | list[int],
+    max_tokens: int,
+    model: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One streamed completion; `prompt`: text or token ids; `extra`: fields added to the request, or left
+    out where set to None (for a server that rejects a field it does not know)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -132,6 +138,7 @@ async def one_request(
         "stream_options": {"include_usage": True},
         **(extra or {}),
     }
+    body = {key: value for key, value in body.items() if value is not None}
     started = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
@@ -156,8 +163,11 @@ async def one_request(
     }
 
 
+Job = tuple[str | list[int], int, str]  # prompt (text or token ids), max_tokens, model
+
+
 async def drive(
-    url: str, jobs: list[tuple[str, int, str]], concurrency: int, extra: dict[str, Any] | None = None
+    url: str, jobs: list[Job], concurrency: int, extra: dict[str, Any] | None = None
 ) -> tuple[list[dict[str, Any]], float]:
     """A closed loop: `concurrency` clients, each sending its next request when the last one finished;
     `extra`: fields added to every request."""
@@ -241,11 +251,18 @@ def interleaved(
     urls: dict[str, str], jobs: list[tuple[str, int, str]], concurrency: int, order: list[str]
 ) -> dict[str, tuple[list[dict[str, Any]], float]]:
     """The same closed-loop run against several servers in `order` (A-B-A, A-B-B-A), each server's runs
-    pooled: this machine's speed drifts by up to ~10% over minutes, and a ratio of runs taken minutes apart
-    would measure the drift too."""
+    pooled."""
+    return pooled_turns(order, lambda name: asyncio.run(drive(urls[name], jobs, concurrency)))
+
+
+def pooled_turns(
+    order: list[str], run: Callable[[str], tuple[list[dict[str, Any]], float]]
+) -> dict[str, tuple[list[dict[str, Any]], float]]:
+    """`run(name)` for each name in `order`, each name's runs pooled: this machine's speed drifts by up to
+    ~10% over minutes, and a ratio of runs taken minutes apart would measure the drift too."""
     pooled: dict[str, tuple[list[dict[str, Any]], float]] = {}
     for name in order:
-        runs, duration = asyncio.run(drive(urls[name], jobs, concurrency))
+        runs, duration = run(name)
         earlier, spent = pooled.get(name, ([], 0.0))
         pooled[name] = (earlier + runs, spent + duration)
     return pooled
