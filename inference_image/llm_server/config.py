@@ -82,6 +82,14 @@ class ServerSettings(BaseSettings):
         "machine one thread each beats all threads on one forward: no thread waits for a preempted "
         "sibling); default: torch's thread count on a CPU, 1 on a GPU; 1: one forward on all threads.",
     )
+    pooling_batch_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="Embed, classify, score: while another forward runs, a worker holds its own for more "
+        "inputs as long as each arrives within this many milliseconds of the last (until the forward is "
+        "full or the other ends); 0: a free worker starts at once.",
+    )
     max_prefill_tokens: int | None = Field(
         None,
         ge=1,

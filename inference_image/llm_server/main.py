@@ -69,6 +69,7 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
             settings.max_queued_requests,
             settings.max_batch_tokens,
             settings.pooling_workers,
+            settings.pooling_batch_wait_ms / 1000,
         )
     from llm_server.engine.batching import BatchingEngine
     from llm_server.engine.loading import load_model

@@ -4,6 +4,7 @@ positions or attention packing would change are padded instead; forwards on seve
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,56 @@ def test_two_workers_each_on_one_thread_answer_every_request_and_give_the_thread
     assert torch.get_num_threads() == threads
     normalized = torch.nn.functional.normalize(alone, dim=-1)
     assert torch.nn.functional.cosine_similarity(served, normalized).min() >= 0.99999
+
+
+def forwards_for_four_arrivals_beside_a_long_forward(batch_wait_s: float) -> int:
+    """Four long inputs go into one forward; four short requests then arrive 5 ms apart while it runs. How
+    many forwards the short ones took."""
+    loaded = loaded_embedder(MINILM)
+    long_inputs = inputs_for(loaded, [sentence(250, start=index) for index in range(4)])
+    short_inputs = inputs_for(loaded, [sentence(8, start=index) for index in range(4)])
+
+    async def run() -> int:
+        engine = BatchPoolingEngine(
+            loaded, "m", max_batch_size=32, max_queued=100, max_batch_tokens=65536, workers=2,
+            batch_wait_s=batch_wait_s,
+        )  # fmt: skip
+        try:
+            long_request = engine.pool("embed", long_inputs)
+            while engine.running == 0:  # a worker took the four
+                await asyncio.sleep(0.001)
+            short_requests = []
+            for item in short_inputs:
+                short_requests.append(engine.pool("embed", [item]))
+                await asyncio.sleep(0.005)
+            await asyncio.gather(long_request.result(), *(request.result() for request in short_requests))
+            return sum(engine.step_times.counts) - 1
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(run())
+
+
+def test_a_free_worker_beside_a_running_forward_waits_for_as_many_inputs_as_it_has() -> None:
+    # About 50 ms of a core per 250-token input: the four short ones all arrive while the long forward runs.
+    assert forwards_for_four_arrivals_beside_a_long_forward(batch_wait_s=0.2) == 1
+    # Without the wait the free worker takes each arrival as it comes.
+    assert forwards_for_four_arrivals_beside_a_long_forward(batch_wait_s=0.0) >= 2
+
+
+def test_a_request_with_no_forward_running_starts_at_once_whatever_the_batch_wait() -> None:
+    loaded = loaded_embedder(MINILM)
+
+    async def run() -> float:
+        engine = BatchPoolingEngine(
+            loaded, "m", max_batch_size=32, max_queued=100, max_batch_tokens=65536, workers=2,
+            batch_wait_s=60.0,
+        )  # fmt: skip
+        try:
+            started = time.perf_counter()
+            await asyncio.wait_for(engine.pool("embed", inputs_for(loaded, [sentence(8)])).result(), 30)
+            return time.perf_counter() - started
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(run()) < 5.0

@@ -19,6 +19,12 @@ On a CPU several worker threads each run a forward on one torch thread (LLM_POOL
 thread count), rather than one forward on all of them: measured on 2 cores beside a load generator taking 0.4
 of a core, 183 vs 123 embeddings/s, because a forward on all threads waits at every op for a thread the OS
 preempted. On a GPU one worker feeds the device.
+
+A worker whose sibling is in a forward holds its own while inputs keep arriving (LLM_POOLING_BATCH_WAIT_MS
+between arrivals at most), until the next forward is full or no other forward runs: the cores are busy
+anyway, and a forward of 16 inputs costs 6.8 ms of a core per embedding against 8.5 for 4 (all-MiniLM-L6-v2,
+one thread). Without it, under 32 closed-loop clients each forward took the 4 or 5 inputs that had
+arrived since the last. Alone (one worker, or none busy) a forward starts at once: no latency is added.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -154,12 +159,14 @@ class BatchPoolingEngine:
         max_queued: int,
         max_batch_tokens: int,
         workers: int | None = None,
+        batch_wait_s: float = 0.0,
     ) -> None:
         self._loaded = loaded
         self._base_model = base_model
         self._max_rows = max_batch_size if loaded.batchable else 1
         self._max_queued = max_queued
         self._max_batch_tokens = max_batch_tokens
+        self._batch_wait_s = batch_wait_s
         self._packed = loaded.embeds and loaded.batchable and _packing_agrees(loaded)
         task = loaded.task
         self._info = PoolingInfo(
@@ -168,11 +175,13 @@ class BatchPoolingEngine:
             matryoshka_dimensions=task.matryoshka_dimensions,
             labels=task.labels,
         )
-        self._lock = threading.Lock()  # guards the queue, the started set and the jobs' counters
-        self._intake = threading.Lock()  # held while a worker takes a forward's inputs
+        self._lock = threading.Lock()  # guards the queue, the started set, the jobs' counters and below
+        self._changed = threading.Condition(self._lock)  # an input arrived, a forward ended, or stopping
+        self._intake = threading.Lock()  # held while a worker waits for and takes a forward's inputs
         self._queue: collections.deque[PoolJob] = collections.deque()  # inputs not all in a batch yet
         self._started: set[PoolJob] = set()  # inputs in a batch, not yet answered
-        self._wakeup: queue.Queue[None] = queue.Queue()
+        self._forwards: list[int] = []  # the inputs of each forward running now
+        self._last_arrival = 0.0  # time.monotonic() of the latest request
         self._outbox: list[tuple[PoolJob, list[list[float]] | BaseException]] = []
         self._step_times = StepTimes()
         self._stopping = False
@@ -305,11 +314,12 @@ class BatchPoolingEngine:
         loop = asyncio.get_running_loop()
         order = sorted(range(len(inputs)), key=lambda index: -len(inputs[index].token_ids))
         job = PoolJob(kind, inputs, dimensions, loop, loop.create_future(), order, [[] for _ in inputs])
-        with self._lock:
+        with self._changed:
             if self._waiting_with(job) > self._max_queued:
                 raise QueueFull(self._count_waiting())
             self._queue.append(job)
-        self._wakeup.put(None)
+            self._last_arrival = time.monotonic()
+            self._changed.notify_all()
         return PoolRequest(job, self._release)
 
     def _waiting_with(self, job: PoolJob) -> int:
@@ -340,14 +350,22 @@ class BatchPoolingEngine:
 
     # -- the worker ---------------------------------------------------------------------------------
     def _work(self) -> None:
-        while not self._stopping:
-            if not self._queue:
-                self._wakeup.get()
-                continue
+        while True:
             batch: list[tuple[PoolJob, int]] = []
+            in_forward = False
+            with self._changed:  # idle without the intake: another worker may wait in it for a fuller forward
+                while not self._stopping and not self._queue:
+                    self._changed.wait()
             try:
-                with self._intake, self._lock:
+                with self._intake, self._changed:
+                    if self._stopping:
+                        return
+                    if not self._queue:  # another worker took them
+                        continue
+                    self._await_fuller_forward()
                     batch = self._take()
+                    self._forwards.append(len(batch))
+                    in_forward = True
                 if batch:
                     started = time.perf_counter()
                     with torch.inference_mode():
@@ -358,8 +376,32 @@ class BatchPoolingEngine:
                 logger.exception("pooling forward failed")
                 self._fail({job for job, _ in batch}, error)
             finally:
+                if in_forward:
+                    with self._changed:
+                        self._forwards.remove(len(batch))
+                        self._changed.notify_all()
                 self._flush()
             time.sleep(0)  # let the event loop take requests and send answers before the next forward
+
+    def _await_fuller_forward(self) -> None:
+        """While other forwards run, wait until the next one would take as many inputs as the largest of
+        them (or is full), as long as inputs keep arriving (no gap longer than the batch wait). Matching the
+        running forward's size, rather than waiting for it to end, keeps both forwards running side by side.
+        Under the lock, with inputs queued."""
+        while self._forwards and not self._stopping:
+            taken, queued = self._next_forward()
+            if taken == self._max_rows or taken < queued or taken >= max(self._forwards):
+                return
+            quiet_until = self._last_arrival + self._batch_wait_s
+            now = time.monotonic()
+            if now >= quiet_until:
+                return
+            self._changed.wait(quiet_until - now)
+
+    def _next_forward(self) -> tuple[int, int]:
+        """How many inputs the next forward would take, and how many are queued."""
+        lengths = [length for job in self._queue for length in job.remaining()]
+        return batch_rows(lengths, self._max_rows, self._max_batch_tokens, self._packed), len(lengths)
 
     def _take(self) -> list[tuple[PoolJob, int]]:
         """The next forward's inputs, (job, input index), from the front of the queue. Under the lock."""
@@ -423,9 +465,9 @@ class BatchPoolingEngine:
                 loop.call_soon_threadsafe(_answer, answers)
 
     def shutdown(self) -> None:
-        self._stopping = True
-        for _ in self._workers:
-            self._wakeup.put(None)
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         for worker in self._workers:
             worker.join(timeout=10)
         torch.set_num_threads(self._threads_before)
