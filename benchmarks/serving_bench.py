@@ -167,13 +167,19 @@ Job = tuple[str | list[int], int, str]  # prompt (text or token ids), max_tokens
 
 
 async def drive(
-    url: str, jobs: list[Job], concurrency: int, extra: dict[str, Any] | None = None
+    url: str,
+    jobs: list[Job],
+    concurrency: int,
+    extra: dict[str, Any] | None = None,
+    keep_alive: bool = True,
 ) -> tuple[list[dict[str, Any]], float]:
     """A closed loop: `concurrency` clients, each sending its next request when the last one finished;
-    `extra`: fields added to every request."""
+    `extra`: fields added to every request; without `keep_alive` each request opens its own connection
+    (llama-server closes an idle one after 5 s, and a request sent on it as it closes gets no answer)."""
     pending = list(jobs)
     results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    idle_kept = None if keep_alive else 0
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=idle_kept)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def worker() -> None:
