@@ -318,6 +318,13 @@ def parameters(model_dir: Path) -> int:
         return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
 
 
+def model_shape(model_dir: Path) -> dict[str, Any]:
+    """The served model's shape as its config.json says (the demo tokenizer's vocabulary can be smaller than
+    BENCH_SHAPE asks for, and the model takes the tokenizer's)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return {name: config[name] for name in asdict(BENCH_SHAPE) if name in config}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests-per-client", type=int, default=8, help="as `make bench`'s fixed scenario")
@@ -395,7 +402,7 @@ def main() -> int:
             "llama_cpp": version_of(binary),
             "llama_cpp_source": f"llama-cpp-python=={LLAMA_CPP_PYTHON} sdist, vendor/llama.cpp",
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "model": asdict(BENCH_SHAPE),
+            "model": model_shape(model_dir),
             "parameters": parameters(model_dir),
             "prompt_tokens": prompt_lengths,
             "output_tokens": OUTPUT_TOKENS,
