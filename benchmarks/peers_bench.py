@@ -48,6 +48,7 @@ from benchmarks.serving_bench import (
     drive,
     free_port,
     make_prompts,
+    model_shape,
     pooled_turns,
     summarize,
     table,
@@ -316,13 +317,6 @@ def ratios(by_key: dict[tuple[str, int], Result]) -> dict[str, Any]:
 def parameters(model_dir: Path) -> int:
     with safe_open(model_dir / "model.safetensors", "pt") as weights:
         return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
-
-
-def model_shape(model_dir: Path) -> dict[str, Any]:
-    """The served model's shape as its config.json says (the demo tokenizer's vocabulary can be smaller than
-    BENCH_SHAPE asks for, and the model takes the tokenizer's)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    return {name: config[name] for name in asdict(BENCH_SHAPE) if name in config}
 
 
 def main() -> int:

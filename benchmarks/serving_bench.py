@@ -387,6 +387,13 @@ class Server:
         self.process.wait(60)
 
 
+def model_shape(model_dir: Path) -> dict[str, Any]:
+    """The served model's shape as its config.json says (the demo tokenizer's vocabulary can be smaller than
+    BENCH_SHAPE asks for, and the model takes the tokenizer's)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return {name: config[name] for name in asdict(BENCH_SHAPE) if name in config}
+
+
 def offline_bounds(model_dir: Path, prompts: list[str], device: torch.device) -> dict[str, Any]:
     """One padded generate over the prompts (the static-batch bound) and transformers' continuous batching."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -548,7 +555,7 @@ def main() -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "model": asdict(BENCH_SHAPE),
+        "model": model_shape(model_dir),
         "parameters": bounds["parameters"],
         "prompt_tokens": PROMPT_TOKENS,
         "output_tokens": OUTPUT_TOKENS,
