@@ -362,8 +362,7 @@ class BatchPoolingEngine:
                         return
                     if not self._queue:  # another worker took them
                         continue
-                    self._await_fuller_forward()
-                    batch = self._take()
+                    batch = self._take(self._await_fuller_forward())
                     self._forwards.append(len(batch))
                     in_forward = True
                 if batch:
@@ -383,34 +382,27 @@ class BatchPoolingEngine:
                 self._flush()
             time.sleep(0)  # let the event loop take requests and send answers before the next forward
 
-    def _await_fuller_forward(self) -> None:
+    def _await_fuller_forward(self) -> int:
         """While other forwards run, wait until the next one would take as many inputs as the largest of
         them (or is full), as long as inputs keep arriving (no gap longer than the batch wait). Matching the
         running forward's size, rather than waiting for it to end, keeps both forwards running side by side.
-        Under the lock, with inputs queued."""
-        while self._forwards and not self._stopping:
-            taken, queued = self._next_forward()
-            if taken == self._max_rows or taken < queued or taken >= max(self._forwards):
-                return
+        Returns how many inputs the next forward takes. Under the lock, with inputs queued."""
+        while True:
+            lengths = [length for job in self._queue for length in job.remaining()]
+            taken = batch_rows(lengths, self._max_rows, self._max_batch_tokens, self._packed)
+            if not self._forwards or self._stopping:
+                return taken
+            if taken == self._max_rows or taken < len(lengths) or taken >= max(self._forwards):
+                return taken
             quiet_until = self._last_arrival + self._batch_wait_s
             now = time.monotonic()
             if now >= quiet_until:
-                return
+                return taken
             self._changed.wait(quiet_until - now)
 
-    def _next_forward(self) -> tuple[int, int]:
-        """How many inputs the next forward would take, and how many are queued."""
-        lengths = [length for job in self._queue for length in job.remaining()]
-        return batch_rows(lengths, self._max_rows, self._max_batch_tokens, self._packed), len(lengths)
-
-    def _take(self) -> list[tuple[PoolJob, int]]:
-        """The next forward's inputs, (job, input index), from the front of the queue. Under the lock."""
-        rows = batch_rows(
-            itertools.chain.from_iterable(job.remaining() for job in self._queue),
-            self._max_rows,
-            self._max_batch_tokens,
-            self._packed,
-        )
+    def _take(self, rows: int) -> list[tuple[PoolJob, int]]:
+        """The next forward's `rows` inputs, (job, input index), from the front of the queue. Under the
+        lock."""
         batch: list[tuple[PoolJob, int]] = []
         while rows and self._queue:
             job = self._queue[0]
