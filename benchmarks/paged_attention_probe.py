@@ -14,23 +14,15 @@ Not in CI; prints ms per layer and whether the paged results equal the view's.
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from benchmarks.serving_bench import ms_per_call
+
 ROWS, HEADS, HEAD_DIM, BLOCK = 32, 8, 64, 16
-
-
-def ms_per_call(fn: Callable[[], object], reps: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - started) / reps * 1000
+REPS, WARM_UP = 200, 10
 
 
 def main() -> int:
@@ -85,12 +77,16 @@ def main() -> int:
         paged = F.scaled_dot_product_attention(query, gathered(pool_k), gathered(pool_v), attn_mask=valid)
         flexed = flex(query, keys, values, block_mask=block_mask)
         view_ms = ms_per_call(
-            lambda: F.scaled_dot_product_attention(query, view_k, view_v, attn_mask=padding)
+            lambda: F.scaled_dot_product_attention(query, view_k, view_v, attn_mask=padding), REPS, WARM_UP
         )
         gather_ms = ms_per_call(
-            lambda: F.scaled_dot_product_attention(query, gathered(pool_k), gathered(pool_v), attn_mask=valid)
+            lambda: F.scaled_dot_product_attention(
+                query, gathered(pool_k), gathered(pool_v), attn_mask=valid
+            ),
+            REPS,
+            WARM_UP,
         )
-        flex_ms = ms_per_call(lambda: flex(query, keys, values, block_mask=block_mask))
+        flex_ms = ms_per_call(lambda: flex(query, keys, values, block_mask=block_mask), REPS, WARM_UP)
     mean = float(lengths.float().mean())
     print(f"{ROWS} rows of {int(lengths.min())}-{width} tokens (mean {mean:.0f}), blocks of {BLOCK}")
     print(f"view:   {view_ms:.3f} ms a layer")

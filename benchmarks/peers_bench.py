@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,7 +32,6 @@ from unittest import mock
 
 import httpx
 import psutil
-import torch
 from safetensors import safe_open
 
 from benchmarks.serving_bench import (
@@ -47,6 +45,7 @@ from benchmarks.serving_bench import (
     Server,
     drive,
     free_port,
+    machine_facts,
     make_prompts,
     model_shape,
     pooled_turns,
@@ -384,18 +383,11 @@ def main() -> int:
                 print(table(results[-1:]).splitlines()[-1], flush=True)
 
     by_key = {(r.engine, r.concurrency): r for r in results}
-    import transformers
-
     report = {
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **machine_facts(),
             "llama_cpp": version_of(binary),
             "llama_cpp_source": f"llama-cpp-python=={LLAMA_CPP_PYTHON} sdist, vendor/llama.cpp",
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "model": model_shape(model_dir),
             "parameters": parameters(model_dir),
             "prompt_tokens": prompt_lengths,

@@ -84,6 +84,30 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def machine_facts() -> dict[str, Any]:
+    """What every benchmark report says of the machine it ran on."""
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def ms_per_call(fn: Callable[[], object], reps: int, warm_up: int) -> float:
+    """Mean milliseconds of `fn()` over `reps` calls after `warm_up` untimed ones (for the probes)."""
+    for _ in range(warm_up):
+        fn()
+    started = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - started) / reps * 1000
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -546,15 +570,8 @@ def main() -> int:
             2,
         ),
     }
-    import transformers
-
     machine = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        **machine_facts(),
         "model": model_shape(model_dir),
         "parameters": bounds["parameters"],
         "prompt_tokens": PROMPT_TOKENS,
