@@ -51,10 +51,11 @@ def main() -> int:
     width = int(lengths.max())
     view_k, view_v = (torch.zeros(ROWS, HEADS, width, HEAD_DIM) for _ in range(2))
     padding = torch.zeros(ROWS, 1, 1, width, dtype=torch.bool)
+    rows_k, rows_v = gathered(pool_k), gathered(pool_v)
     for row in range(ROWS):
         length = int(lengths[row])
-        view_k[row, :, width - length :] = gathered(pool_k)[row, :, :length]
-        view_v[row, :, width - length :] = gathered(pool_v)[row, :, :length]
+        view_k[row, :, width - length :] = rows_k[row, :, :length]
+        view_v[row, :, width - length :] = rows_v[row, :, :length]
         padding[row, ..., width - length :] = True
 
     flat_k, flat_v = (
