@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaModel, RobertaConfig, 
 from llm_server.engine.interface import PoolInput
 from llm_server.engine.loading import LoadedPoolingModel, load_pooling_model
 from llm_server.engine.pooling import batch_rows, pack_rows, packed_batch
-from llm_server.engine.pooling_engine import BatchPoolingEngine, _forward, _packing_agrees
+from llm_server.engine.pooling_engine import BatchPoolingEngine, RecentPeak, _forward, _packing_agrees
 from llm_server.engine.tasks import resolve_task
 from tests.inference.pooling_models import MINILM, sentence
 
@@ -166,6 +166,58 @@ def test_a_free_worker_beside_a_running_forward_waits_for_as_many_inputs_as_it_h
     assert forwards_for_four_arrivals_beside_a_long_forward(batch_wait_s=0.2) == 1
     # Without the wait the free worker takes each arrival as it comes.
     assert forwards_for_four_arrivals_beside_a_long_forward(batch_wait_s=0.0) >= 2
+
+
+def forwards_for_four_arrivals_after_a_busy_moment(busy_requests: int) -> int:
+    """`busy_requests` short requests are queued at once and answered; a request of two long inputs then
+    runs, and four short requests arrive 5 ms apart beside it. How many forwards the four took."""
+    loaded = loaded_embedder(MINILM)
+    busy_inputs = inputs_for(loaded, [sentence(8, start=index) for index in range(busy_requests)])
+    long_inputs = inputs_for(loaded, [sentence(250, start=index) for index in range(2)])
+    short_inputs = inputs_for(loaded, [sentence(8, start=index) for index in range(4)])
+
+    async def run() -> int:
+        engine = BatchPoolingEngine(
+            loaded, "m", max_batch_size=32, max_queued=100, max_batch_tokens=65536, workers=2,
+            batch_wait_s=0.2,
+        )  # fmt: skip
+        try:
+            with engine._intake:
+                busy = [engine.pool("embed", [item]) for item in busy_inputs]
+            await asyncio.gather(*(request.result() for request in busy))
+            before = sum(engine.step_times.counts)
+            long_request = engine.pool("embed", long_inputs)
+            while engine.running == 0:
+                await asyncio.sleep(0.001)
+            short_requests = []
+            for item in short_inputs:
+                short_requests.append(engine.pool("embed", [item]))
+                await asyncio.sleep(0.005)
+            await asyncio.gather(long_request.result(), *(request.result() for request in short_requests))
+            return sum(engine.step_times.counts) - before - 1
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(run())
+
+
+def test_a_free_worker_waits_for_its_share_of_the_recent_load_beside_a_smaller_forward() -> None:
+    # Eight inputs held at once a moment ago: each of two workers waits for four, although the forward
+    # running beside it has two (else 32 clients settle into three small groups, not two large ones).
+    assert forwards_for_four_arrivals_after_a_busy_moment(busy_requests=8) == 1
+    # No recent load beyond the long forward: the free worker waits for as many as it has, two, twice.
+    assert forwards_for_four_arrivals_after_a_busy_moment(busy_requests=0) >= 2
+
+
+def test_recent_peak_is_the_largest_value_within_the_window() -> None:
+    peak = RecentPeak(window=1.0)
+    assert peak.peak(now=0.0) == 0
+    for now, value in ((0.0, 3), (0.2, 8), (0.4, 5), (0.9, 2)):
+        peak.record(now, value)
+    assert peak.peak(now=1.0) == 8
+    assert peak.peak(now=1.3) == 5  # the 8 of t=0.2 has left the window
+    assert peak.peak(now=1.5) == 2
+    assert peak.peak(now=2.0) == 0
 
 
 def test_a_request_with_no_forward_running_starts_at_once_whatever_the_batch_wait() -> None:
