@@ -37,11 +37,10 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -106,9 +105,19 @@ class PoolJob:
     done: int = 0
     cancelled: bool = False
 
+    @property
+    def untaken(self) -> int:
+        """How many of its inputs are not yet in a batch."""
+        return len(self.order) - self.taken
+
     def remaining(self) -> Iterator[int]:
         """The lengths of its inputs not yet in a batch, in the order they will be taken."""
         return (len(self.inputs[index].token_ids) for index in self.order[self.taken :])
+
+
+def queued_lengths(jobs: Iterable[PoolJob]) -> list[int]:
+    """The lengths of the inputs not yet in a batch, in the order the forwards will take them."""
+    return [length for job in jobs for length in job.remaining()]
 
 
 class PoolRequest:
@@ -344,7 +353,7 @@ class BatchPoolingEngine:
                 raise QueueFull(self._count_waiting())
             self._queue.append(job)
             self._last_arrival = time.monotonic()
-            queued = sum(len(item.order) - item.taken for item in self._queue)
+            queued = sum(item.untaken for item in self._queue)
             self._held.record(self._last_arrival, queued + sum(self._forwards))
             self._changed.notify_all()
         return PoolRequest(job, self._release)
@@ -354,16 +363,11 @@ class BatchPoolingEngine:
         `job` queued: the queue bound counts requests as the generation engine's does, not those that the
         next forward takes (in part at least). Called under the lock."""
         queued = [*self._queue, job]
-        rows = batch_rows(
-            itertools.chain.from_iterable(item.remaining() for item in queued),
-            self._max_rows,
-            self._max_batch_tokens,
-            self._packed,
-        )
+        rows = batch_rows(queued_lengths(queued), self._max_rows, self._max_batch_tokens, self._packed)
         waiting = 0
         for item in queued:
             if rows > 0:
-                rows -= len(item.order) - item.taken
+                rows -= item.untaken
             elif item.taken == 0:
                 waiting += 1
         return waiting
@@ -416,7 +420,7 @@ class BatchPoolingEngine:
         keeps both forwards running side by side. Returns how many inputs the next forward takes. Under the
         lock, with inputs queued."""
         while True:
-            lengths = [length for job in self._queue for length in job.remaining()]
+            lengths = queued_lengths(self._queue)
             taken = batch_rows(lengths, self._max_rows, self._max_batch_tokens, self._packed)
             if not self._forwards or self._stopping:
                 return taken
@@ -435,7 +439,7 @@ class BatchPoolingEngine:
         batch: list[tuple[PoolJob, int]] = []
         while rows and self._queue:
             job = self._queue[0]
-            count = min(rows, len(job.order) - job.taken)
+            count = min(rows, job.untaken)
             batch += [(job, index) for index in job.order[job.taken : job.taken + count]]
             job.taken += count
             rows -= count
