@@ -50,6 +50,9 @@ BENCH_SHAPE = ModelShape(
 PROMPT_TOKENS, OUTPUT_TOKENS = 64, 64
 LONG_PROMPTS, LONG_PROMPT_TOKENS = 8, 900  # against the server's default 512-token prefill chunks
 SLOW_STEP_S = 0.25
+# Each of these runs sends the same prompts in every turn, and the long-prompt run measures a long prefill's
+# pauses: a cache hit on the turn before would measure the cache instead. prefix_cache_bench measures it.
+NO_PREFIX_CACHING = {"LLM_ENABLE_PREFIX_CACHING": "false"}
 SPACED, BACK_TO_BACK = "a decoding step between prefills (1, the CPU default)", "prefills back to back (0)"
 
 
@@ -517,7 +520,7 @@ def main() -> int:
     with contextlib.ExitStack() as running:
         servers = {}
         for engine in ("batching", "seed"):  # each stopped on the way out, whatever fails after it
-            servers[engine] = Server(engine, model_dir, adapter_dir)
+            servers[engine] = Server(engine, model_dir, adapter_dir, **NO_PREFIX_CACHING)
             running.callback(servers[engine].stop)
         urls = {engine: server.url for engine, server in servers.items()}
         for url in urls.values():
@@ -546,11 +549,17 @@ def main() -> int:
     with contextlib.ExitStack() as running:
         urls = {}
         for label, steps in ((SPACED, "1"), (BACK_TO_BACK, "0")):  # explicit: a GPU's default is 0
-            server = Server("batching", model_dir, adapter_dir, LLM_DECODE_STEPS_BETWEEN_PREFILLS=steps)
+            server = Server(
+                "batching",
+                model_dir,
+                adapter_dir,
+                LLM_DECODE_STEPS_BETWEEN_PREFILLS=steps,
+                **NO_PREFIX_CACHING,
+            )
             running.callback(server.stop)
             urls[label] = server.url
         spacing = spacing_runs(urls, fixed, mixed)
-    unchunked = Server("batching", model_dir, adapter_dir, LLM_PREFILL_CHUNK_TOKENS="0")
+    unchunked = Server("batching", model_dir, adapter_dir, LLM_PREFILL_CHUNK_TOKENS="0", **NO_PREFIX_CACHING)
     try:
         long_prompts["unchunked"] = long_prompt_run(unchunked.url, "unchunked", fixed, long)
     finally:
@@ -579,8 +588,9 @@ def main() -> int:
         "seed_measured_up_to_streams": args.skip_seed_above,
         "command": "make bench (python -m benchmarks.serving_bench " + " ".join(sys.argv[1:]) + ")",
     }
-    from benchmarks import embeddings_bench
+    from benchmarks import embeddings_bench, prefix_cache_bench
 
+    prefix_caching = prefix_cache_bench.measure(model_dir, adapter_dir, bounds["static_batch_tokens_per_s"])
     report = {
         "machine": machine,
         "results": [asdict(r) for r in results],
@@ -589,6 +599,7 @@ def main() -> int:
         "offline": bounds,
         "request_features_at_32": features,
         "ratios": ratios,
+        "prefix_caching": prefix_caching,
         "embeddings": embeddings_bench.measure(),  # every generation server has stopped
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2))
@@ -636,6 +647,10 @@ Ratios: {json.dumps(report["ratios"])}
 
 Where the time goes, and why a target is missed when one is: `docs/performance.md`.
 """
+    if "prefix_caching" in report:
+        from benchmarks import prefix_cache_bench
+
+        text += prefix_cache_bench.markdown(report["prefix_caching"])
     if "embeddings" in report:
         from benchmarks import embeddings_bench
 

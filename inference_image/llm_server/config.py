@@ -110,6 +110,22 @@ class ServerSettings(BaseSettings):
         "decode (on a CPU it keeps clients with equal lengths from arriving in lockstep during each other's "
         "prefill); default: 1 on a CPU, 0 on a GPU (as vLLM).",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Keep prompts' full blocks of keys and values and copy them into a later prompt that "
+        "starts the same way (same adapter) instead of computing them again (vLLM's automatic prefix "
+        "caching); a request asking for prompt_logprobs always computes its whole prompt.",
+    )
+    block_size: int = Field(
+        16, ge=1, le=256, description="Tokens per prefix-cache block (vLLM's --block-size)."
+    )
+    prefix_cache_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens of keys and values the prefix cache keeps, in a store of its own beside the "
+        "batch's cache (allocated at the first prompt stored); least recently used blocks go first when it "
+        "is full; default: half of LLM_MAX_BATCH_TOKENS.",
+    )
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond which new ones get 429.")
     api_key: SecretStr | None = Field(
         None, description="When set, every non-health endpoint needs it as Bearer."

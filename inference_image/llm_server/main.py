@@ -85,6 +85,9 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
         settings.max_prefill_tokens,
         settings.prefill_chunk_tokens,
         settings.decode_steps_between_prefills,
+        settings.enable_prefix_caching,
+        settings.block_size,
+        settings.prefix_cache_tokens,
     )
 
 
@@ -121,6 +124,7 @@ def create_app(
             generated_tokens=lambda: engine.generated_tokens,
             step_times=lambda: engine.step_times,
             cache_usage=lambda: engine.cache_usage,
+            prefix_cache_tokens=lambda: engine.prefix_cache_tokens,
         )
         if engine.task == "generate":
             state.generation = Generation(cast(Engine, engine), settings, metrics)

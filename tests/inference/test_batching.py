@@ -17,6 +17,7 @@ from llm_server.engine.batching import BatchingEngine
 from llm_server.engine.interface import ContextTooLong, Delta, Prompt, QueueFull, SamplingParams
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, load_model, pick_dtype
 from llm_server.engine.stops import StopMatcher
+from tests.inference.causal_models import save_windowed_model
 
 PROMPTS = [
     "The quick brown fox",
@@ -244,24 +245,7 @@ def test_a_sliding_window_model_matches_generate_past_its_window(
 ) -> None:
     """Mistral-shaped, window of 6 positions: prompts and generations well past it, several in one batch,
     prompts longer than 5 tokens prefilled in chunks."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(demo[0])
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=6,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(3)
-    MistralForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_windowed_model(demo[0], tmp_path)
     loaded = load_model(tmp_path, {}, "float32", "cpu", None)
     engine = BatchingEngine(
         loaded, "windowed", max_batch_size=4, max_queued=8, max_batch_tokens=4096, prefill_chunk_tokens=5
@@ -283,7 +267,7 @@ def test_a_sliding_window_model_matches_generate_past_its_window(
                     max_new_tokens=24,
                     min_new_tokens=24,
                     do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
+                    pad_token_id=loaded.tokenizer.pad_token_id,
                 )
             assert tokens(deltas) == out[0, ids.shape[1] :].tolist()
     finally:

@@ -39,14 +39,27 @@ class _EngineCounters(Collector):
     """Counted by the engine, not by the HTTP layer: tokens decoded for a client that left count too."""
 
     def __init__(
-        self, model_name: str, generated_tokens: Callable[[], int], step_times: Callable[[], StepTimes]
+        self,
+        model_name: str,
+        generated_tokens: Callable[[], int],
+        step_times: Callable[[], StepTimes],
+        prefix_cache_tokens: Callable[[], tuple[int, int]],
     ) -> None:
         self._model_name, self._generated_tokens, self._step_times = model_name, generated_tokens, step_times
+        self._prefix_cache_tokens = prefix_cache_tokens
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         family = CounterMetricFamily("vllm:generation_tokens", "Tokens generated.", labels=["model_name"])
         family.add_metric([self._model_name], self._generated_tokens())
         yield family
+        queried, hit = self._prefix_cache_tokens()
+        for name, help_text, value in (
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queried),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed).", hit),
+        ):
+            counter = CounterMetricFamily(name, help_text, labels=["model_name"])
+            counter.add_metric([self._model_name], value)
+            yield counter
         times = self._step_times()
         steps = HistogramMetricFamily(
             "llm_engine_step_duration_seconds",
@@ -120,10 +133,13 @@ class ServerMetrics:
         generated_tokens: Callable[[], int],
         step_times: Callable[[], StepTimes],
         cache_usage: Callable[[], float],
+        prefix_cache_tokens: Callable[[], tuple[int, int]],
     ) -> None:
         self.running.labels(self.model_name).set_function(running)
         for gauge in self.cache_usage:
             gauge.labels(self.model_name).set_function(cache_usage)
         self.waiting.labels(self.model_name).set_function(waiting)
-        self.registry.register(_EngineCounters(self.model_name, generated_tokens, step_times))
+        self.registry.register(
+            _EngineCounters(self.model_name, generated_tokens, step_times, prefix_cache_tokens)
+        )
         self.registry.register(_LoraInfo(self.model_name, max_lora, adapters))

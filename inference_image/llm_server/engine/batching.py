@@ -46,9 +46,11 @@ from llm_server.engine.interface import (
     TokenLogprob,
     UnknownModel,
 )
+from llm_server.engine.kv_blocks import BlockTable
 from llm_server.engine.loading import BASE_ADAPTER, LoadedModel, attach_adapter, detach_adapter
 from llm_server.engine.logits_adjust import LogitsState, adjust_rows
 from llm_server.engine.logprobs import token_logprobs
+from llm_server.engine.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from llm_server.engine.sampling import make_generator, sample_rows
 from llm_server.engine.slots import PromptPart, SlotCache
 from llm_server.engine.stops import StopMatcher
@@ -126,6 +128,8 @@ class Sequence:
     logits_state: LogitsState | None = None  # penalties, bias, min_tokens, a grammar: only if it asks
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while its prompt is prefilled
     token_logprob: TokenLogprob | None = None  # of the token just sampled, when asked
+    # Its prompt's blocks in the prefix cache, from admission until its prefill ends (then stored).
+    cache_table: BlockTable | None = None
 
     def delta(self, text: str, finish_reason: str | None = None) -> Delta:
         """The delta of the token just sampled (the first also carries the prompt's log probabilities)."""
@@ -272,6 +276,9 @@ class BatchingEngine:
         max_prefill_tokens: int | None = None,
         prefill_chunk_tokens: int | None = None,
         decode_steps_between_prefills: int | None = None,
+        enable_prefix_caching: bool = True,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_cache_tokens: int | None = None,
     ) -> None:
         self._loaded = loaded
         self._base_model = base_model
@@ -296,7 +303,14 @@ class BatchingEngine:
         self._versions = itertools.count(1)
         self._joining: list[Job] = []  # out of the queue, not yet in the batch: the step being planned
         self._wakeup: queue.Queue[None] = queue.Queue()
-        self._batch = Batch(SlotCache(loaded.model.config.num_hidden_layers, max_batch_size, loaded.device))
+        layers = loaded.model.config.num_hidden_layers
+        self._batch = Batch(SlotCache(layers, max_batch_size, loaded.device))
+        cache_tokens = max_batch_tokens // 2 if prefix_cache_tokens is None else prefix_cache_tokens
+        self._prefix = (
+            PrefixCache(layers, max(cache_tokens // block_size, 1), block_size)
+            if enable_prefix_caching
+            else None
+        )
         self._outbox: list[tuple[Job, Delta | BaseException]] = []
         self._generated_tokens = 0
         self._step_times = StepTimes()
@@ -353,6 +367,11 @@ class BatchingEngine:
     @property
     def step_times(self) -> StepTimes:
         return self._step_times
+
+    @property
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        prefix = self._prefix
+        return (prefix.queried_tokens, prefix.hit_tokens) if prefix is not None else (0, 0)
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         """Served names of the adapters running and waiting requests use."""
@@ -504,7 +523,7 @@ class BatchingEngine:
     def _admit(self) -> list[Sequence]:
         """Takes waiting requests into the next step while slots, the cache budget and the step's prefill
         budget allow."""
-        admitted: list[Job] = []
+        admitted: list[tuple[Job, BlockTable | None]] = []
         if self._batch.prefilling is not None:
             return []  # first come, first served: a prompt in chunks has the steps' prompt budget
         if (
@@ -520,37 +539,70 @@ class BatchingEngine:
             budget = self._max_prefill_tokens or prefill_budget(self._loaded.device, len(self._batch))
             while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
                 job = self._waiting[0]
-                prompt = len(job.prompt.token_ids)
+                if job.cancelled.is_set():
+                    self._waiting.pop(0)
+                    continue
                 if not self._cache_admits(job, in_use, anyone=bool(self._batch or admitted)):
                     break  # waits for a finishing request to free cache room
+                # The prefill budget and chunking count the tokens a prefill computes: past cached blocks.
+                prompt = len(job.prompt.token_ids) - self._cached_prefix(job)
                 if admitted and (prefill + prompt > budget or prompt > chunk):
                     break  # joins at the next step: running streams only pause for a bounded prefill
+                table = self._cache_table(job)  # takes what _cached_prefix found: nothing changed between
+                if table is None and prompt < len(job.prompt.token_ids):  # the store is too small for it
+                    prompt = len(job.prompt.token_ids)
+                    if admitted and (prefill + prompt > budget or prompt > chunk):
+                        break
                 self._waiting.pop(0)
-                if not job.cancelled.is_set():
-                    admitted.append(job)
-                    in_use += _reserved_tokens(job)
-                    prefill += prompt
-                    if prompt > chunk:
-                        break  # prefilled alone, in chunks while others decode
-            self._joining = admitted
+                admitted.append((job, table))
+                in_use += _reserved_tokens(job)
+                prefill += prompt
+                if prompt > chunk:
+                    break  # prefilled alone, in chunks while others decode
+            self._joining = [job for job, _ in admitted]
         newcomers = []
-        for job in admitted:  # each is out of the queue now: it gets a sequence or its own error
+        for job, table in admitted:  # each is out of the queue now: it gets a sequence or its own error
             try:
-                newcomers.append(self._start(job, chunk if self._batch else 0))
+                newcomers.append(self._start(job, table, chunk if self._batch else 0))
             except UnknownModel as error:  # its adapter was unloaded while it waited
+                self._release_table(table)
                 job.emit(error)
             except Exception as error:
+                self._release_table(table)
                 logger.exception("request could not start")
                 job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
         return newcomers
+
+    def _caches(self, job: Job) -> bool:
+        """Not a request that asks for its prompt's log probabilities: they need every prompt position
+        computed (as vLLM)."""
+        return self._prefix is not None and job.params.prompt_logprobs is None
+
+    def _cached_prefix(self, job: Job) -> int:
+        """Leading prompt tokens a prefill would take from the prefix cache now (nothing is counted)."""
+        if self._prefix is None or not self._caches(job):
+            return 0
+        return self._prefix.cached_prefix(job.prompt.token_ids, job.adapter)
+
+    def _cache_table(self, job: Job) -> BlockTable | None:
+        """The prefix cache's blocks for a joining prompt, its cached leading blocks among them; None
+        without caching, for a prompt larger than the cache, and where `_caches` says no."""
+        if self._prefix is None or not self._caches(job):
+            return None
+        return self._prefix.admit(job.prompt.token_ids, job.adapter)
+
+    def _release_table(self, table: BlockTable | None) -> None:
+        if table is not None and self._prefix is not None:
+            self._prefix.release(table)
 
     def _admitted_adapter(self, job: Job) -> str | None:
         if job.adapter is not None and job.adapter not in self._loaded.adapters:
             raise UnknownModel(f"The model `{job.prompt.model}` does not exist.")
         return job.adapter
 
-    def _start(self, job: Job, chunk: int) -> Sequence:
-        """`chunk`: tokens per step if its prompt is longer (0: all at once, nobody is decoding)."""
+    def _start(self, job: Job, table: BlockTable | None, chunk: int) -> Sequence:
+        """`chunk`: tokens per step if its prompt is longer (0: all at once, nobody is decoding); `table`:
+        its blocks in the prefix cache, the cached ones copied into its row when its step is planned."""
         return Sequence(
             job=job,
             adapter=self._admitted_adapter(job),
@@ -559,7 +611,11 @@ class BatchingEngine:
             stops=StopMatcher(job.params.stop),
             length=len(job.prompt.token_ids),
             next_token=0,  # sampled by the step that prefills it
-            chunk=chunk if len(job.prompt.token_ids) > chunk > 0 else 0,
+            chunk=chunk
+            if len(job.prompt.token_ids) - (table.cached_tokens if table else 0) > chunk > 0
+            else 0,
+            prefilled=table.cached_tokens if table is not None else 0,
+            cache_table=table,
             prompt_logprobs=[None] if job.params.prompt_logprobs is not None else None,  # the first: none
             logits_state=LogitsState(
                 job.params,
@@ -581,6 +637,11 @@ class BatchingEngine:
         with self._lock:
             plan, decoding, prefilling = batch.plan(newcomers)
             self._joining = []
+        if self._prefix is not None:
+            for sequence, part in zip(prefilling, plan.prefills, strict=True):
+                if sequence.cache_table is not None and sequence in newcomers:
+                    column = batch.cache.region.start + part.keys.start
+                    self._prefix.load(batch.cache, sequence.cache_table, part.row, column)
         tokens = [sequence.next_token for sequence in decoding]
         positions = [sequence.length for sequence in decoding]
         adapters = [sequence.adapter or BASE_ADAPTER for sequence in decoding]
@@ -603,6 +664,14 @@ class BatchingEngine:
                 use_cache=True,
                 slot_step=plan,
             )
+        if self._prefix is not None:
+            for sequence, part in zip(prefilling, plan.prefills, strict=True):
+                if sequence.cache_table is not None and part.final:
+                    column = batch.cache.region.start + part.keys.start
+                    self._prefix.store(
+                        batch.cache, sequence.cache_table, sequence.job.prompt.token_ids, part.row, column
+                    )
+                    sequence.cache_table = None
         batch.cache.advance()
         logits = output.logits[:, -1]
         stepped = decoding + [seq for seq, part in zip(prefilling, plan.prefills, strict=True) if part.final]
@@ -684,6 +753,13 @@ class BatchingEngine:
     def _retire(self, sequences: list[Sequence]) -> None:
         with self._lock:
             self._batch.remove(sequences)
+        self._release_tables(sequences)
+
+    def _release_tables(self, sequences: list[Sequence]) -> None:
+        """Prompts that end before their prefill did (cancelled, failed) store nothing."""
+        for sequence in sequences:
+            self._release_table(sequence.cache_table)
+            sequence.cache_table = None
 
     def _fail_all(self, error: Exception, newcomers: list[Sequence]) -> None:
         """A failed step may have written part of its cache: every request in it fails, the cache restarts.
@@ -692,6 +768,7 @@ class BatchingEngine:
             failed = list(self._batch.sequences)
             failed += [sequence for sequence in newcomers if sequence not in failed]
             self._batch.clear()
+        self._release_tables(failed)
         for sequence in failed:
             sequence.job.emit(RuntimeError(f"generation failed: {type(error).__name__}"))
 

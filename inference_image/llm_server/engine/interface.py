@@ -211,6 +211,11 @@ class ServingEngine(Protocol):
         """Durations of its batched steps (empty for an engine without steps)."""
         ...
 
+    @property
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, of which found there) since start."""
+        ...
+
     def models(self) -> list[ModelCard]: ...
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:

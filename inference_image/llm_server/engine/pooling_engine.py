@@ -283,6 +283,10 @@ class BatchPoolingEngine:
     def step_times(self) -> StepTimes:
         return self._step_times
 
+    @property
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        return 0, 0  # nothing is cached between forwards
+
     def models(self) -> list[ModelCard]:
         return [ModelCard(self._base_model, None, "base")]
 
