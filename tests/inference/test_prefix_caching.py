@@ -3,10 +3,12 @@ copied into its row instead of computing them, and its output stays token for to
 makes alone (greedy, float32), with adapters, chunked prefill, sliding windows and cancellation."""
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from llm_server.engine.batching import BatchingEngine
 from llm_server.engine.interface import Delta, Prompt, SamplingParams
@@ -120,9 +122,8 @@ def test_cached_blocks_past_a_sliding_window_and_prompts_in_chunks_match_generat
 
         async def scenario() -> list[list[Delta]]:
             decoding = asyncio.Event()
-            running = asyncio.create_task(
-                collect(engine, neighbour, SamplingParams(60, temperature=0), decoding)
-            )
+            params_long = SamplingParams(150, temperature=0, ignore_eos=True)  # decodes past the last prompt
+            running = asyncio.create_task(collect(engine, neighbour, params_long, decoding))
             await decoding.wait()
             results = [await collect(engine, prompt, params) for prompt in prompts]
             await running
@@ -132,7 +133,8 @@ def test_cached_blocks_past_a_sliding_window_and_prompts_in_chunks_match_generat
             assert tokens(deltas) == reference(loaded, prompt, 16, ignore_eos=True)
         hits = engine.prefix_cache_tokens[1]
         assert hits == cached_part(len(shared) + 1) + cached_part(len(shared))
-        assert any(past > 0 and past % BLOCK == 0 for past, _ in spy.parts)
+        every_prompt = len(neighbour.token_ids) + sum(len(prompt.token_ids) for prompt in prompts)
+        assert sum(length for _, length in spy.parts) == every_prompt - hits  # the hits were not computed
     finally:
         engine.shutdown()
 
@@ -232,3 +234,80 @@ def test_metrics_count_prefix_cache_queries_and_hits_under_vllm_names(demo: tupl
         for _ in range(2):
             assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
         assert server.metric("vllm:prefix_cache_hits_total", {"model_name": "tiny"}) == 0
+
+
+def other_weights(adapter: Path, path: Path) -> Path:
+    """The adapter's shape with other weights: its LoRA B matrices negated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, path)
+    weights = load_file(path / "adapter_model.safetensors")
+    save_file(
+        {name: -tensor if "lora_B" in name else tensor for name, tensor in weights.items()},
+        path / "adapter_model.safetensors",
+    )
+    return path
+
+
+def test_an_adapter_loaded_again_under_a_freed_name_does_not_get_the_old_weights_blocks(
+    demo: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Replacing `support` twice gives its third weights the version name the first had (the first is
+    unloaded by then): the first weights' cached blocks must not be found for them."""
+    model, adapter = demo
+    loaded = load_model(model, {"support": adapter}, "float32", "cpu", None)
+    engine = BatchingEngine(
+        loaded, "tiny", max_batch_size=4, max_queued=8, max_batch_tokens=4096, block_size=BLOCK
+    )
+    prompt = Prompt("support", ids(engine, PROMPTS[1]))
+    params = SamplingParams(10, temperature=0)
+    try:
+        asyncio.run(collect(engine, prompt, params))
+        base = Prompt("tiny", prompt.token_ids)  # the same tokens without the adapter: other keys and values
+        assert tokens(asyncio.run(collect(engine, base, params))) == reference(loaded, base, 10)
+        assert engine.prefix_cache_tokens[1] == 0
+        asyncio.run(engine.replace_adapter("support", str(adapter)))
+        for _ in range(500):  # the first version is unloaded once no request uses it
+            if "support" not in loaded.adapters:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        asyncio.run(engine.replace_adapter("support", str(other_weights(adapter, tmp_path / "negated"))))
+        assert engine._routes["support"] == "support"  # the first version's name, other weights
+        deltas = asyncio.run(collect(engine, prompt, params))
+        assert engine.prefix_cache_tokens[1] == 0
+        assert tokens(deltas) == reference(loaded, prompt, 10)
+    finally:
+        engine.shutdown()
+
+
+class NoMemoryForEmpty:
+    """torch, except that `empty` fails as a full GPU does."""
+
+    def __getattr__(self, name: str) -> object:
+        if name == "empty":
+
+            def empty(*args: object, **kwargs: object) -> None:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+            return empty
+        return getattr(torch, name)
+
+
+def test_a_store_that_cannot_be_allocated_turns_caching_off_and_fails_no_request(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_server.engine import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "torch", NoMemoryForEmpty())
+    engine = BatchingEngine(
+        loaded, "tiny", max_batch_size=4, max_queued=8, max_batch_tokens=4096, block_size=BLOCK
+    )
+    prompt = Prompt("tiny", ids(engine, PROMPTS[1]))
+    try:
+        for _ in range(2):
+            deltas = asyncio.run(collect(engine, prompt, SamplingParams(10, temperature=0)))
+            assert tokens(deltas) == reference(loaded, prompt, 10)
+        assert engine._prefix is not None and engine._prefix.disabled
+        assert engine.prefix_cache_tokens == (len(prompt.token_ids), 0)  # the second was not looked up
+    finally:
+        engine.shutdown()

@@ -69,6 +69,7 @@ class Job:
     # The adapter version chosen at admission: a replaced or removed adapter stays loaded until the
     # requests admitted before the change are done with it.
     adapter: str | None = None
+    block_hashes: list[bytes] | None = None  # its prompt's, for the prefix cache: computed once
 
     def emit(self, item: Delta | BaseException) -> None:
         self.outbox.append((self, item))
@@ -301,6 +302,12 @@ class BatchingEngine:
         self._routes: dict[str, str] = {name: name for name in loaded.adapters}
         self._retired: set[str] = set()
         self._versions = itertools.count(1)
+        # What the prefix cache hashes for each loaded version: a version's name comes back once the version
+        # that had it is unloaded, its keys and values must not.
+        self._attachments = itertools.count()
+        self._weights_of: dict[str, str] = {
+            key: f"{key}#{next(self._attachments)}" for key in loaded.adapters
+        }
         self._joining: list[Job] = []  # out of the queue, not yet in the batch: the step being planned
         self._wakeup: queue.Queue[None] = queue.Queue()
         layers = loaded.model.config.num_hidden_layers
@@ -576,20 +583,32 @@ class BatchingEngine:
     def _caches(self, job: Job) -> bool:
         """Not a request that asks for its prompt's log probabilities: they need every prompt position
         computed (as vLLM)."""
-        return self._prefix is not None and job.params.prompt_logprobs is None
+        prefix = self._prefix
+        return prefix is not None and not prefix.disabled and job.params.prompt_logprobs is None
+
+    def _weights(self, job: Job) -> str:
+        """What the prefix cache hashes for the request's adapter ("" for none). Under the lock."""
+        return self._weights_of.get(job.adapter, job.adapter) if job.adapter is not None else ""
+
+    def _hashes(self, job: Job) -> list[bytes]:
+        """Under the lock."""
+        if job.block_hashes is None:
+            assert self._prefix is not None
+            job.block_hashes = self._prefix.hashes(job.prompt.token_ids, self._weights(job))
+        return job.block_hashes
 
     def _cached_prefix(self, job: Job) -> int:
         """Leading prompt tokens a prefill would take from the prefix cache now (nothing is counted)."""
         if self._prefix is None or not self._caches(job):
             return 0
-        return self._prefix.cached_prefix(job.prompt.token_ids, job.adapter)
+        return self._prefix.cached_prefix(job.prompt.token_ids, self._weights(job), self._hashes(job))
 
     def _cache_table(self, job: Job) -> BlockTable | None:
         """The prefix cache's blocks for a joining prompt, its cached leading blocks among them; None
         without caching, for a prompt larger than the cache, and where `_caches` says no."""
         if self._prefix is None or not self._caches(job):
             return None
-        return self._prefix.admit(job.prompt.token_ids, job.adapter)
+        return self._prefix.admit(job.prompt.token_ids, self._weights(job), self._hashes(job))
 
     def _release_table(self, table: BlockTable | None) -> None:
         if table is not None and self._prefix is not None:
@@ -799,6 +818,7 @@ class BatchingEngine:
                 key = f"{name}@{next(self._versions)}"
             attach_adapter(self._loaded, key, path)
             with self._lock:
+                self._weights_of[key] = f"{key}#{next(self._attachments)}"
                 previous = self._routes.get(name)
                 self._routes[name] = key
                 if previous is not None:

@@ -81,16 +81,28 @@ class BlockPool:
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
 
-    def cached_prefix(self, token_ids: Sequence[int], adapter: str | None) -> int:
-        """How many leading tokens of `token_ids` are in cached blocks (no change to the pool)."""
-        return len(self._hits(block_hashes(token_ids, self.block_size, adapter))) * self.block_size
+    def cached_prefix(
+        self, token_ids: Sequence[int], adapter: str | None, hashes: Sequence[BlockHash] | None = None
+    ) -> int:
+        """How many leading tokens of `token_ids` are in cached blocks (no change to the pool); `hashes`:
+        its block_hashes when the caller has them already."""
+        if hashes is None:
+            hashes = block_hashes(token_ids, self.block_size, adapter)
+        return len(self._hits(hashes)) * self.block_size
 
     # -- a request's life ----------------------------------------------------------------------------
-    def admit(self, prompt: Sequence[int], adapter: str | None, reserve: int) -> BlockTable:
+    def admit(
+        self,
+        prompt: Sequence[int],
+        adapter: str | None,
+        reserve: int,
+        hashes: Sequence[BlockHash] | None = None,
+    ) -> BlockTable:
         """Blocks for `prompt` plus `reserve` positions beyond it: the cached full blocks its prompt starts
         with, new ones for the rest. At least the prompt's last token is computed, even when every block is
         cached, since its logits give the first output token. Raises CacheFull, taking nothing."""
-        hashes = block_hashes(prompt, self.block_size, adapter)
+        if hashes is None:
+            hashes = block_hashes(prompt, self.block_size, adapter)
         hits = self._hits(hashes)
         if len(hits) * self.block_size >= len(prompt):  # keep the last token to compute
             hits = hits[:-1]
@@ -105,7 +117,7 @@ class BlockPool:
             self._hold(block)
         table.blocks = hits + [self._take_free() for _ in range(needed)]
         table.tokens = list(prompt[: table.cached_tokens])
-        table.hashes = hashes[: len(hits)]
+        table.hashes = list(hashes[: len(hits)])
         return table
 
     def write(self, table: BlockTable, token_ids: Sequence[int]) -> None:

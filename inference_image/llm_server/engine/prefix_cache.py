@@ -12,14 +12,17 @@ stay findable until the pool needs them, least recently released first (kv_block
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
-from llm_server.engine.kv_blocks import BlockPool, BlockTable, CacheFull
+from llm_server.engine.kv_blocks import BlockHash, BlockPool, BlockTable, CacheFull, block_hashes
 from llm_server.engine.slots import SlotCache
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default --block-size
+
+logger = logging.getLogger(__name__)
 
 
 class PrefixCache:
@@ -29,6 +32,7 @@ class PrefixCache:
         # Allocated at the first store: shapes, dtype and devices come from the slot cache's layers.
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
+        self.disabled = False  # its store could not be allocated: prompts are computed whole from then on
 
     @property
     def queried_tokens(self) -> int:
@@ -38,18 +42,25 @@ class PrefixCache:
     def hit_tokens(self) -> int:
         return self.blocks.hit_tokens
 
-    def cached_prefix(self, token_ids: Sequence[int], adapter: str | None) -> int:
-        """Leading tokens that would come from the cache (at least the last token is always computed)."""
-        cached = self.blocks.cached_prefix(token_ids, adapter)
+    def hashes(self, token_ids: Sequence[int], adapter: str) -> list[BlockHash]:
+        """The prompt's block hashes; `adapter` names the exact adapter weights (never reused for others)."""
+        return block_hashes(token_ids, self.block_size, adapter)
+
+    def cached_prefix(self, token_ids: Sequence[int], adapter: str, hashes: Sequence[BlockHash]) -> int:
+        """Leading tokens that would come from the cache (at least the last token is always computed);
+        `hashes` are `hashes(token_ids, adapter)`."""
+        cached = self.blocks.cached_prefix(token_ids, adapter, hashes)
         return cached - self.block_size if cached >= len(token_ids) else cached
 
-    def admit(self, token_ids: Sequence[int], adapter: str | None) -> BlockTable | None:
+    def admit(self, token_ids: Sequence[int], adapter: str, hashes: Sequence[BlockHash]) -> BlockTable | None:
         """Blocks for a joining prompt: its cached leading blocks (`cached_tokens` of it) and free ones for
         the rest, which `store` fills once the prompt is in the slot cache. None when the pool cannot hold
-        it: the prompt is then computed and not cached."""
+        it: the prompt is then computed whole and not cached (looked up all the same, for the metrics)."""
         try:
-            return self.blocks.admit(token_ids, adapter, reserve=0)
+            # The table hashes the blocks it fills with `adapter`, as `hashes` were.
+            return self.blocks.admit(token_ids, adapter, reserve=0, hashes=hashes)
         except CacheFull:
+            self.blocks.queried_tokens += len(token_ids)
             return None
 
     def load(self, cache: SlotCache, table: BlockTable, row: int, column: int) -> None:
@@ -75,11 +86,12 @@ class PrefixCache:
         blocks past the cached ones into the table's blocks, makes them findable and releases the table."""
         cached = table.cached_tokens // self.block_size
         full = len(token_ids) // self.block_size
+        if full > cached and not self._allocated(cache):
+            self.blocks.release(table)
+            return
         if full > cached:
             for index, layer in enumerate(cache.layers):
                 assert layer.keys is not None and layer.values is not None
-                if self._keys[index] is None:
-                    self._allocate(index, layer.keys)
                 blocks = torch.tensor(table.blocks[cached:full], device=layer.keys.device)
                 start, end = column + cached * self.block_size, column + full * self.block_size
                 for pool, buffer in ((self._keys[index], layer.keys), (self._values[index], layer.values)):
@@ -94,9 +106,31 @@ class PrefixCache:
         """A prompt that will not be stored (its request ended first, or its step failed)."""
         self.blocks.release(table)
 
-    def _allocate(self, index: int, like: torch.Tensor) -> None:
-        # Empty, not zeros: a block is read only after a store wrote all of it.
-        _, heads, _, dim = like.shape
-        size = (self.blocks.num_blocks, heads, self.block_size, dim)
-        self._keys[index] = torch.empty(size, dtype=like.dtype, device=like.device)
-        self._values[index] = torch.empty(size, dtype=like.dtype, device=like.device)
+    def _allocated(self, cache: SlotCache) -> bool:
+        """Allocates the store at its first use, shaped as the slot cache's layers and on their devices.
+        Where that memory is not there (a GPU the model and the batch fill) caching turns off for good,
+        and the step goes on: a cache must not fail requests."""
+        if self.disabled:
+            return False
+        if all(keys is not None for keys in self._keys):
+            return True
+        try:
+            pools = []
+            for layer in cache.layers:
+                assert layer.keys is not None
+                _, heads, _, dim = layer.keys.shape
+                size = (self.blocks.num_blocks, heads, self.block_size, dim)
+                # Empty, not zeros: a block is read only after a store wrote all of it.
+                like = {"dtype": layer.keys.dtype, "device": layer.keys.device}
+                pools.append((torch.empty(size, **like), torch.empty(size, **like)))
+        except RuntimeError as error:  # torch.OutOfMemoryError among them
+            self.disabled = True
+            logger.warning(
+                "prefix caching turned off: its store of %d blocks could not be allocated (%s)",
+                self.blocks.num_blocks,
+                type(error).__name__,
+            )
+            return False
+        self._keys = [keys for keys, _ in pools]
+        self._values = [values for _, values in pools]
+        return True
