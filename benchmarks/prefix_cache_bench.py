@@ -8,8 +8,8 @@ and off, taking turns (on, off, off, on) on three workloads (issue 17, point 6):
     the cost of looking blocks up and storing them.
 
 Every turn of every workload gets prompts of its own (a fresh seed), so a turn finds nothing the turn before
-it left in the cache. The history's answers are the client's own tokens of the answer's length, not the
-model's: the server stores prompts' blocks, not generated ones, so the work it does is the same.
+it left in the cache. The history resends each answer as the model's own token ids (vLLM's
+`return_token_ids`), as a chat client resends the answer's text.
 `python -m benchmarks.prefix_cache_bench` alone, or as part of `make bench`.
 """
 
@@ -54,17 +54,16 @@ def random_ids(rng: random.Random, vocabulary: list[int], count: int) -> list[in
     return [rng.choice(vocabulary) for _ in range(count)]
 
 
-async def conversation(
-    client: httpx.AsyncClient, turns: list[list[int]], answers: list[list[int]]
-) -> list[float]:
-    """One client's chat, turn after turn: the whole history each time. The TTFT of each turn."""
+async def conversation(client: httpx.AsyncClient, turns: list[list[int]]) -> list[float]:
+    """One client's chat, turn after turn: the whole history each time, each answer as the model's token
+    ids. The TTFT of each turn."""
     history: list[int] = []
     ttfts = []
-    for user, answer in zip(turns, answers, strict=True):
+    for user in turns:
         history += user
-        result = await one_request(client, list(history), ANSWER_TOKENS, "bench")
+        result = await one_request(client, list(history), ANSWER_TOKENS, "bench", {"return_token_ids": True})
         ttfts.append(result["ttft"])
-        history += answer
+        history += result["token_ids"]
     return ttfts
 
 
@@ -75,12 +74,12 @@ def multi_turn_run(url: str, vocabulary: list[int], seed: int) -> list[list[floa
     for _ in range(CONVERSATIONS):
         turns = [system + random_ids(rng, vocabulary, USER_TOKENS)]
         turns += [random_ids(rng, vocabulary, USER_TOKENS) for _ in range(CONVERSATION_TURNS - 1)]
-        chats.append((turns, [random_ids(rng, vocabulary, ANSWER_TOKENS) for _ in range(CONVERSATION_TURNS)]))
+        chats.append(turns)
 
     async def run() -> list[list[float]]:
         limits = httpx.Limits(max_connections=CONVERSATIONS + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-            return await asyncio.gather(*(conversation(client, turns, answers) for turns, answers in chats))
+            return await asyncio.gather(*(conversation(client, turns) for turns in chats))
 
     return asyncio.run(run())
 
@@ -133,7 +132,7 @@ def measure(
         print(f"  shared {SHARED_SYSTEM_TOKENS}-token system prompt: {json.dumps(shared)}", flush=True)
 
         def fixed_run(name: str) -> tuple[list[dict[str, Any]], float]:
-            prompts = make_prompts(tokenizer, 128, [PROMPT_TOKENS], seed=next(seeds))
+            prompts = make_prompts(tokenizer, 256, [PROMPT_TOKENS], seed=next(seeds))  # 8 a client
             return asyncio.run(
                 drive(urls[name], [(prompt, OUTPUT_TOKENS, "bench") for prompt in prompts], 32)
             )

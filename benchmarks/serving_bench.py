@@ -169,6 +169,7 @@ async def one_request(
     started = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
+    token_ids: list[int] = []  # with vLLM's return_token_ids in `extra`
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in event_lines(response):
@@ -179,6 +180,7 @@ async def one_request(
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk.get("choices"):
                 arrivals.append(time.perf_counter())
+                token_ids += chunk["choices"][0].get("token_ids", [])
     done = time.perf_counter()
     ttft = arrivals[0] - started
     return {
@@ -187,6 +189,7 @@ async def one_request(
         "tokens": tokens,
         "itl": [b - a for a, b in itertools.pairwise(arrivals)],
         "tpot": (done - started - ttft) / max(tokens - 1, 1),
+        "token_ids": token_ids,
     }
 
 

@@ -191,3 +191,20 @@ def test_chat_top_logprobs_without_logprobs_is_a_400(server: RunningServer) -> N
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
     assert response.status_code == 400 and "top_logprobs" in response.json()["error"]["message"]
+
+
+def test_return_token_ids_gives_the_prompt_and_output_ids_as_vllm(server: RunningServer, reference) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's `return_token_ids`: what RL and agent clients read instead of re-tokenizing the text."""
+    _, tokenizer = reference
+    body = {"prompt": "Serving models", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    whole = post(server, "completions", {**body, "return_token_ids": True})["choices"][0]
+    assert whole["prompt_token_ids"] == tokenizer.encode("Serving models")
+    assert len(whole["token_ids"]) == 6
+    assert whole["text"] == tokenizer.decode(whole["token_ids"], skip_special_tokens=True)
+    chunks = [
+        event["choices"][0] for event in streamed(server, "completions", {**body, "return_token_ids": True})
+    ]
+    assert chunks[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert all("prompt_token_ids" not in chunk for chunk in chunks[1:])
+    assert [token for chunk in chunks for token in chunk["token_ids"]] == whole["token_ids"]
+    assert "token_ids" not in post(server, "completions", body)["choices"][0]  # only when asked

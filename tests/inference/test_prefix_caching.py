@@ -311,3 +311,42 @@ def test_a_store_that_cannot_be_allocated_turns_caching_off_and_fails_no_request
         assert engine.prefix_cache_tokens == (len(prompt.token_ids), 0)  # the second was not looked up
     finally:
         engine.shutdown()
+
+
+def test_the_next_turn_of_a_conversation_finds_the_previous_answer_in_the_cache(loaded: LoadedModel) -> None:
+    """A finished request's prompt and answer are stored: the client resends both with its next message."""
+    engine = BatchingEngine(
+        loaded, "tiny", max_batch_size=4, max_queued=8, max_batch_tokens=4096, block_size=BLOCK
+    )
+    spy = PrefillSpy(engine)
+    first = Prompt("tiny", ids(engine, PROMPTS[1]))
+    params = SamplingParams(12, temperature=0)
+    try:
+        answer = tokens(asyncio.run(collect(engine, first, params)))
+        assert len(answer) >= 2
+        second = Prompt("tiny", first.token_ids + tuple(answer) + ids(engine, PROMPTS[3]))
+        assert tokens(asyncio.run(collect(engine, second, params))) == reference(loaded, second, 12)
+        # In the cache: the prompt and the answer but its last token, which was never fed to the model.
+        history = len(first.token_ids) + len(answer) - 1
+        assert spy.parts[-1] == (history // BLOCK * BLOCK, len(second.token_ids) - history // BLOCK * BLOCK)
+        assert history // BLOCK > len(first.token_ids) // BLOCK  # more than the first prompt's blocks
+        queried = len(first.token_ids) + len(second.token_ids)  # storing the answer was no query
+        assert engine.prefix_cache_tokens == (queried, history // BLOCK * BLOCK)
+    finally:
+        engine.shutdown()
+
+
+def test_only_requests_with_the_same_cache_salt_share_blocks(loaded: LoadedModel) -> None:
+    engine = BatchingEngine(
+        loaded, "tiny", max_batch_size=4, max_queued=8, max_batch_tokens=4096, block_size=BLOCK
+    )
+    prompt = Prompt("tiny", ids(engine, PROMPTS[1]))
+    try:
+        hits = []
+        for salt in ["tenant-a", "tenant-b", None, "tenant-a"]:
+            params = SamplingParams(3, temperature=0, cache_salt=salt)
+            assert tokens(asyncio.run(collect(engine, prompt, params))) == reference(loaded, prompt, 3)
+            hits.append(engine.prefix_cache_tokens[1])
+        assert hits == [0, 0, 0, cached_part(len(prompt.token_ids))]  # only tenant-a's second finds blocks
+    finally:
+        engine.shutdown()

@@ -208,6 +208,7 @@ class Generation:
             frequency_penalty=fields.frequency_penalty,
             logit_bias=biases,
             grammar=grammar,
+            cache_salt=fields.cache_salt,
         )
 
     def start(self, prompt: Prompt, params: SamplingParams) -> ObservedStream:

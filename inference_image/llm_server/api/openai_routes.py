@@ -231,6 +231,9 @@ async def completions(
             ),
             "finish_reason": completion.finish_reason,
         }
+        if body.return_token_ids:
+            choice["prompt_token_ids"] = list(prompt.token_ids)
+            choice["token_ids"] = list(completion.token_ids)
         if body.prompt_logprobs is not None and completion.prompt_logprobs is not None:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(completion.prompt_logprobs, decode)
         choices.append(choice)
@@ -292,6 +295,10 @@ async def _completion_chunks(
             ),
             "finish_reason": delta.finish_reason,
         }
+        if body.return_token_ids:
+            if first:
+                choice["prompt_token_ids"] = list(choice_prompts[index].token_ids)
+            choice["token_ids"] = list(delta.token_ids)
         if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, decode)
         yield {**base, "choices": [choice]}

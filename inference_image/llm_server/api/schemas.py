@@ -49,6 +49,9 @@ class SamplingFields(_Request):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    # vLLM's: mixed into the prefix cache's hashes, so that only requests with the same salt share cached
+    # blocks (one tenant cannot learn another's prompts from how fast its own are answered).
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     # Bounded so that logits / penalty stays finite (a penalty of 1e-300 made every logit inf: NaN)
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -256,6 +259,7 @@ class CompletionRequest(OpenAIFields):
     max_tokens: Annotated[int | None, Field(ge=0)] = 16  # 0: the prompt's log probabilities only (echo)
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    return_token_ids: bool = False  # vLLM's: each choice also carries prompt_token_ids and token_ids
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str):

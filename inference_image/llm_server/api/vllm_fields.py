@@ -29,7 +29,6 @@ _SHARED: dict[str, Any] = {
     "priority": 0,
     "logits_processors": None,
     "return_tokens_as_token_ids": None,
-    "return_token_ids": None,
     "kv_transfer_params": None,
     "vllm_xargs": None,
     "mm_processor_kwargs": None,
@@ -48,6 +47,7 @@ UNSUPPORTED: dict[Endpoint, dict[str, Any]] = {
         "reasoning_effort": None,
         "functions": None,
         "function_call": None,
+        "return_token_ids": None,  # completions only, here
     },
     "completions": {
         **_SHARED,
@@ -59,7 +59,7 @@ UNSUPPORTED: dict[Endpoint, dict[str, Any]] = {
     },
 }
 # Known to vLLM or OpenAI and harmless to leave unused here: no output changes with them.
-HARMLESS = frozenset({"user", "parallel_tool_calls", "include_reasoning", "cache_salt", "metadata", "store"})
+HARMLESS = frozenset({"user", "parallel_tool_calls", "include_reasoning", "metadata", "store"})
 _NOTHING = (None, [], {}, "")
 
 

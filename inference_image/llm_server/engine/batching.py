@@ -126,6 +126,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the cache; below the prompt's length it is not decoding yet
     chunk: int = 0  # prompt tokens per step when its prompt is prefilled in chunks (0: at once)
     produced: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)  # the tokens sampled so far
     logits_state: LogitsState | None = None  # penalties, bias, min_tokens, a grammar: only if it asks
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled while its prompt is prefilled
     token_logprob: TokenLogprob | None = None  # of the token just sampled, when asked
@@ -587,8 +588,11 @@ class BatchingEngine:
         return prefix is not None and not prefix.disabled and job.params.prompt_logprobs is None
 
     def _weights(self, job: Job) -> str:
-        """What the prefix cache hashes for the request's adapter ("" for none). Under the lock."""
-        return self._weights_of.get(job.adapter, job.adapter) if job.adapter is not None else ""
+        """What the prefix cache hashes besides the tokens: the request's adapter weights ("" for none)
+        and its cache_salt. Under the lock."""
+        weights = self._weights_of.get(job.adapter, job.adapter) if job.adapter is not None else ""
+        salt = job.params.cache_salt
+        return weights if salt is None else f"{weights}\0salt\0{salt}"
 
     def _hashes(self, job: Job) -> list[bytes]:
         """Under the lock."""
@@ -727,13 +731,32 @@ class BatchingEngine:
                 finished.append(sequence)
                 continue
             sequence.next_token = token
+            sequence.generated.append(token)
             if sequence.logits_state is not None:
                 sequence.logits_state.observe(token)
             if self._emit(sequence):
                 finished.append(sequence)
         if finished:
+            self._store_histories(finished)
             self._retire(finished)
         return bool(prefilling)
+
+    def _store_histories(self, finished: list[Sequence]) -> None:
+        """Finished requests' prompts and answers go to the prefix cache (the cache is past this step's
+        forward: every row's tokens end at its end column)."""
+        prefix, cache = self._prefix, self._batch.cache
+        if prefix is None or prefix.disabled:
+            return
+        end = cache.region.end
+        for sequence in finished:
+            if not self._caches(sequence.job) or sequence.produced < 2:
+                continue  # nothing generated is in the cache yet: its last token was never fed back
+            row = self._batch.sequences.index(sequence)
+            history = sequence.job.prompt.token_ids + tuple(sequence.generated[:-1])
+            assert len(history) == sequence.length
+            with self._lock:
+                weights = self._weights(sequence.job)
+            prefix.store_history(cache, history, weights, row, end - sequence.length)
 
     def _emit(self, sequence: Sequence) -> bool:
         """Hands the sampled token to the client; True when the sequence is done. Every token makes a

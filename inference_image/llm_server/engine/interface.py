@@ -72,6 +72,7 @@ class SamplingParams:
     logprobs: int | None = None  # each sampled token's log probability, and this many of the most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
     grammar: GrammarSpec | None = None  # structured outputs: only the tokens it allows, ended when complete
+    cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
 
     @property
     def adjusts_logits(self) -> bool:

@@ -97,10 +97,12 @@ class BlockPool:
         adapter: str | None,
         reserve: int,
         hashes: Sequence[BlockHash] | None = None,
+        counted: bool = True,
     ) -> BlockTable:
         """Blocks for `prompt` plus `reserve` positions beyond it: the cached full blocks its prompt starts
         with, new ones for the rest. At least the prompt's last token is computed, even when every block is
-        cached, since its logits give the first output token. Raises CacheFull, taking nothing."""
+        cached, since its logits give the first output token. Raises CacheFull, taking nothing. Not
+        `counted`: a lookup that is no prompt's (a finished request's own tokens, to store them)."""
         if hashes is None:
             hashes = block_hashes(prompt, self.block_size, adapter)
         hits = self._hits(hashes)
@@ -110,8 +112,9 @@ class BlockPool:
         reusable = sum(1 for block in hits if self._refs[block] == 0)  # in the free list now
         if needed > len(self._free) - reusable:
             raise CacheFull(f"{needed} blocks needed, {len(self._free) - reusable} free")
-        self.queried_tokens += len(prompt)
-        self.hit_tokens += len(hits) * self.block_size
+        if counted:
+            self.queried_tokens += len(prompt)
+            self.hit_tokens += len(hits) * self.block_size
         table = BlockTable(adapter, cached_tokens=len(hits) * self.block_size)
         for block in hits:
             self._hold(block)

@@ -63,6 +63,20 @@ class PrefixCache:
             self.blocks.queried_tokens += len(token_ids)
             return None
 
+    def store_history(
+        self, cache: SlotCache, token_ids: Sequence[int], adapter: str, row: int, column: int
+    ) -> None:
+        """A finished request's tokens in the slot cache (its prompt and what it generated, `row` from
+        absolute `column` on): stores their full blocks past those already cached, so the next turn of a
+        conversation, which resends them, finds its previous answer too (as vLLM). Not a query."""
+        try:
+            table = self.blocks.admit(
+                token_ids, adapter, reserve=0, hashes=self.hashes(token_ids, adapter), counted=False
+            )
+        except CacheFull:
+            return
+        self.store(cache, table, token_ids, row, column)
+
     def load(self, cache: SlotCache, table: BlockTable, row: int, column: int) -> None:
         """Copies the table's cached blocks into `row` of the slot cache, from absolute `column` on."""
         count = table.cached_tokens // self.block_size
