@@ -129,7 +129,7 @@ def cache_work_ms_per_request(model_dir: Path, requests: int = 1000) -> float:
         table = store.admit(prompt, "", hashes)
         assert table is not None
         store.store(cache, table, prompt, 3, 10)
-        store.store_history(cache, history, "", 3, 10)
+        store.store_history(cache, history, "", hashes, 3, 10)
         return time.perf_counter() - started
 
     for _ in range(3 * store.blocks.num_blocks // 8):  # every block written once: no first-touch page faults

@@ -15,7 +15,7 @@ from llm_server.engine.interface import Delta, Prompt, SamplingParams
 from llm_server.engine.loading import LoadedModel, load_model
 from tests.inference.causal_models import save_windowed_model
 from tests.inference.harness import running_server
-from tests.inference.test_batching import PROMPTS, collect, reference, tokens
+from tests.inference.test_batching import PROMPTS, PrefillSpy, collect, reference, tokens
 
 BLOCK = 4
 
@@ -30,20 +30,6 @@ def cached_part(prompt_length: int) -> int:
     """What a prompt whose every block is cached takes from the cache: its full blocks, but never its last
     token (its logits give the first output token)."""
     return (prompt_length - 1) // BLOCK * BLOCK
-
-
-class PrefillSpy:
-    """Records (prompt tokens already in the cache, tokens computed) of every prompt part the engine plans."""
-
-    def __init__(self, engine: BatchingEngine) -> None:
-        self.parts: list[tuple[int, int]] = []
-        self._plan = engine._batch.cache.plan
-        engine._batch.cache.plan = self  # type: ignore[method-assign]
-
-    def __call__(self, parts, continuing=False):  # type: ignore[no-untyped-def]
-        step = self._plan(parts, continuing)
-        self.parts.extend((prefill.past, prefill.length) for prefill in step.prefills)
-        return step
 
 
 def ids(engine: BatchingEngine, text: str) -> tuple[int, ...]:

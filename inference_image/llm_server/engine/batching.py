@@ -545,6 +545,10 @@ class BatchingEngine:
             in_use = sum(map(_reserved_tokens, self._holding()))  # nobody is joining between steps
             prefill = 0
             budget = self._max_prefill_tokens or prefill_budget(self._loaded.device, len(self._batch))
+
+            def joins_later(tokens: int) -> bool:  # running streams only pause for a bounded prefill
+                return bool(admitted) and (prefill + tokens > budget or tokens > chunk)
+
             while self._waiting and len(self._batch) + len(admitted) < self._max_batch_size:
                 job = self._waiting[0]
                 if job.cancelled.is_set():
@@ -554,12 +558,12 @@ class BatchingEngine:
                     break  # waits for a finishing request to free cache room
                 # The prefill budget and chunking count the tokens a prefill computes: past cached blocks.
                 prompt = len(job.prompt.token_ids) - self._cached_prefix(job)
-                if admitted and (prefill + prompt > budget or prompt > chunk):
-                    break  # joins at the next step: running streams only pause for a bounded prefill
+                if joins_later(prompt):
+                    break
                 table = self._cache_table(job)  # takes what _cached_prefix found: nothing changed between
                 if table is None and prompt < len(job.prompt.token_ids):  # the store is too small for it
                     prompt = len(job.prompt.token_ids)
-                    if admitted and (prefill + prompt > budget or prompt > chunk):
+                    if joins_later(prompt):
                         break
                 self._waiting.pop(0)
                 admitted.append((job, table))
@@ -663,7 +667,7 @@ class BatchingEngine:
         if self._prefix is not None:
             for sequence, part in zip(prefilling, plan.prefills, strict=True):
                 if sequence.cache_table is not None and sequence in newcomers:
-                    column = batch.cache.region.start + part.keys.start
+                    column = batch.cache.prompt_column(part)
                     self._prefix.load(batch.cache, sequence.cache_table, part.row, column)
         tokens = [sequence.next_token for sequence in decoding]
         positions = [sequence.length for sequence in decoding]
@@ -690,7 +694,7 @@ class BatchingEngine:
         if self._prefix is not None:
             for sequence, part in zip(prefilling, plan.prefills, strict=True):
                 if sequence.cache_table is not None and part.final:
-                    column = batch.cache.region.start + part.keys.start
+                    column = batch.cache.prompt_column(part)
                     self._prefix.store(
                         batch.cache, sequence.cache_table, sequence.job.prompt.token_ids, part.row, column
                     )
@@ -755,8 +759,8 @@ class BatchingEngine:
             history = sequence.job.prompt.token_ids + tuple(sequence.generated[:-1])
             assert len(history) == sequence.length
             with self._lock:
-                weights = self._weights(sequence.job)
-            prefix.store_history(cache, history, weights, row, end - sequence.length)
+                weights, hashes = self._weights(sequence.job), self._hashes(sequence.job)
+            prefix.store_history(cache, history, weights, hashes, row, end - sequence.length)
 
     def _emit(self, sequence: Sequence) -> bool:
         """Hands the sampled token to the client; True when the sequence is done. Every token makes a

@@ -84,11 +84,11 @@ class BlockPool:
     def cached_prefix(
         self, token_ids: Sequence[int], adapter: str | None, hashes: Sequence[BlockHash] | None = None
     ) -> int:
-        """How many leading tokens of `token_ids` are in cached blocks (no change to the pool); `hashes`:
-        its block_hashes when the caller has them already."""
+        """How many leading tokens of `token_ids` `admit` would take from cached blocks now (no change to
+        the pool); `hashes`: its block_hashes when the caller has them already."""
         if hashes is None:
             hashes = block_hashes(token_ids, self.block_size, adapter)
-        return len(self._hits(hashes)) * self.block_size
+        return len(self._hits(hashes, len(token_ids))) * self.block_size
 
     # -- a request's life ----------------------------------------------------------------------------
     def admit(
@@ -105,9 +105,7 @@ class BlockPool:
         `counted`: a lookup that is no prompt's (a finished request's own tokens, to store them)."""
         if hashes is None:
             hashes = block_hashes(prompt, self.block_size, adapter)
-        hits = self._hits(hashes)
-        if len(hits) * self.block_size >= len(prompt):  # keep the last token to compute
-            hits = hits[:-1]
+        hits = self._hits(hashes, len(prompt))
         needed = self.blocks_for(len(prompt) + reserve) - len(hits)
         reusable = sum(1 for block in hits if self._refs[block] == 0)  # in the free list now
         if needed > len(self._free) - reusable:
@@ -155,7 +153,9 @@ class BlockPool:
         table.blocks = []
 
     # -- internals ---------------------------------------------------------------------------------------
-    def _hits(self, hashes: Sequence[BlockHash]) -> list[int]:
+    def _hits(self, hashes: Sequence[BlockHash], length: int) -> list[int]:
+        """The cached leading blocks of a `length`-token sequence, short of its last token: that one is
+        always computed, since its logits give the first output token."""
         if not self.caching:
             return []
         hits = []
@@ -164,7 +164,7 @@ class BlockPool:
             if block is None:
                 break
             hits.append(block)
-        return hits
+        return hits[:-1] if len(hits) * self.block_size >= length else hits
 
     def _hold(self, block: int) -> None:
         if self._refs[block] == 0:

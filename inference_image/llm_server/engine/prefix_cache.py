@@ -47,10 +47,8 @@ class PrefixCache:
         return block_hashes(token_ids, self.block_size, adapter)
 
     def cached_prefix(self, token_ids: Sequence[int], adapter: str, hashes: Sequence[BlockHash]) -> int:
-        """Leading tokens that would come from the cache (at least the last token is always computed);
-        `hashes` are `hashes(token_ids, adapter)`."""
-        cached = self.blocks.cached_prefix(token_ids, adapter, hashes)
-        return cached - self.block_size if cached >= len(token_ids) else cached
+        """Leading tokens that would come from the cache; `hashes` are `hashes(token_ids, adapter)`."""
+        return self.blocks.cached_prefix(token_ids, adapter, hashes)
 
     def admit(self, token_ids: Sequence[int], adapter: str, hashes: Sequence[BlockHash]) -> BlockTable | None:
         """Blocks for a joining prompt: its cached leading blocks (`cached_tokens` of it) and free ones for
@@ -64,14 +62,24 @@ class PrefixCache:
             return None
 
     def store_history(
-        self, cache: SlotCache, token_ids: Sequence[int], adapter: str, row: int, column: int
+        self,
+        cache: SlotCache,
+        token_ids: Sequence[int],
+        adapter: str,
+        prompt_hashes: Sequence[BlockHash],
+        row: int,
+        column: int,
     ) -> None:
         """A finished request's tokens in the slot cache (its prompt and what it generated, `row` from
         absolute `column` on): stores their full blocks past those already cached, so the next turn of a
-        conversation, which resends them, finds its previous answer too (as vLLM). Not a query."""
+        conversation, which resends them, finds its previous answer too (as vLLM). Not a query.
+        `prompt_hashes`: its prompt's, which the chain continues from."""
+        known = len(prompt_hashes)
+        parent = prompt_hashes[-1] if known else None
+        rest = block_hashes(token_ids[known * self.block_size :], self.block_size, adapter, parent)
         try:
             table = self.blocks.admit(
-                token_ids, adapter, reserve=0, hashes=self.hashes(token_ids, adapter), counted=False
+                token_ids, adapter, reserve=0, hashes=[*prompt_hashes, *rest], counted=False
             )
         except CacheFull:
             return
@@ -83,11 +91,12 @@ class PrefixCache:
         if count == 0:
             return
         width = count * self.block_size
+        ids = torch.tensor(table.blocks[:count], device=cache.layers[0].keys.device)  # type: ignore[union-attr]
         for index, layer in enumerate(cache.layers):
             pool_keys, pool_values = self._keys[index], self._values[index]
             assert pool_keys is not None and pool_values is not None, "a hit implies an earlier store"
             assert layer.keys is not None and layer.values is not None
-            blocks = torch.tensor(table.blocks[:count], device=pool_keys.device)
+            blocks = ids.to(pool_keys.device)  # a no-op but where layers live on several devices
             for pool, buffer in ((pool_keys, layer.keys), (pool_values, layer.values)):
                 # (blocks, heads, block_size, dim) -> (heads, blocks x block_size, dim)
                 taken = pool.index_select(0, blocks).transpose(0, 1).flatten(1, 2)
@@ -104,9 +113,10 @@ class PrefixCache:
             self.blocks.release(table)
             return
         if full > cached:
+            ids = torch.tensor(table.blocks[cached:full], device=cache.layers[0].keys.device)  # type: ignore[union-attr]
             for index, layer in enumerate(cache.layers):
                 assert layer.keys is not None and layer.values is not None
-                blocks = torch.tensor(table.blocks[cached:full], device=layer.keys.device)
+                blocks = ids.to(layer.keys.device)
                 start, end = column + cached * self.block_size, column + full * self.block_size
                 for pool, buffer in ((self._keys[index], layer.keys), (self._values[index], layer.values)):
                     assert pool is not None

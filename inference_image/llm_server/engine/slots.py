@@ -181,6 +181,11 @@ class SlotCache(Cache):
         region.step = StepPlan(decoding, tuple(prefills), decode_mask)
         return region.step
 
+    def prompt_column(self, prefill: Prefill) -> int:
+        """The buffers' column of the first token of the prompt `prefill` is part of (before its earlier
+        chunks, or blocks copied in from the prefix cache): its prompt runs from there to `keys_to`."""
+        return self.region.start + prefill.keys.start
+
     def advance(self) -> None:
         """Called after the forward that wrote the planned step."""
         self.region.end += 1
