@@ -1,6 +1,7 @@
-"""Packing several inputs into one row of an embedding model's forward: how inputs are grouped, and that a
-packed forward embeds each input as a forward of it alone does, on the real all-MiniLM-L6-v2; models whose
-positions or attention packing would change are padded instead; forwards on several workers at once."""
+"""Packing a forward's inputs side by side into one row of an embedding model (attention per input): how
+many inputs a forward takes, and that a packed forward embeds each input as a forward of it alone does, on
+the real all-MiniLM-L6-v2 and on a decoder (causal within each input); models whose positions packing would
+change are padded instead; forwards on several workers at once."""
 
 import asyncio
 import threading
@@ -13,8 +14,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaModel, RobertaConfig, 
 
 from llm_server.engine.interface import PoolInput
 from llm_server.engine.loading import LoadedPoolingModel, load_pooling_model
-from llm_server.engine.pooling import batch_rows, pack_rows, packed_batch
+from llm_server.engine.pooling import batch_rows, ragged_batch, unragged
 from llm_server.engine.pooling_engine import BatchPoolingEngine, RecentPeak, _forward, _packing_agrees
+from llm_server.engine.ragged_attention import RAGGED_ATTENTION
 from llm_server.engine.tasks import resolve_task
 from tests.inference.pooling_models import MINILM, sentence
 
@@ -34,28 +36,18 @@ def test_packed_forwards_count_real_tokens(
     assert batch_rows(lengths, max_rows, max_tokens, packed=True) == rows
 
 
-def test_pack_rows_fits_longest_first_and_gives_an_overlong_input_its_own_row() -> None:
-    rows = pack_rows([30, 100, 60, 40, 200, 10], width=128)
-    assert rows == [[4], [1, 5], [2, 3], [0]]
-    assert sorted(index for row in rows for index in row) == list(range(6))
-
-
-def test_packed_batch_restarts_positions_and_keeps_each_input_to_itself() -> None:
-    inputs = [PoolInput((1, 2, 3), (0, 0, 1)), PoolInput((4, 5), None), PoolInput((6, 7, 8, 9, 10, 11), None)]
-    batch, where, mask = packed_batch(inputs, 99, True, torch.float32, torch.device("cpu"))
-    assert batch["input_ids"].tolist() == [
-        [6, 7, 8, 9, 10, 11],
-        [1, 2, 3, 4, 5, 99],
-    ]  # as wide as the longest
-    assert batch["position_ids"][1, :5].tolist() == [0, 1, 2, 0, 1]
-    assert batch["token_type_ids"][1, :5].tolist() == [0, 0, 1, 0, 0]
-    attends = batch["attention_mask"][1, 0] == 0
-    assert attends[:3, :3].all() and not attends[:3, 3:].any()  # the first input sees itself only
-    assert attends[3:5, 3:5].all() and not attends[3:5, :3].any() and not attends[3:5, 5:].any()
-    assert attends[5].tolist() == [False] * 5 + [True]  # padding sees itself: never a row of -inf (NaN)
-    assert (batch["attention_mask"][0] == 0).all()
-    assert where.tolist() == [[6, 7, 8, 0, 0, 0], [9, 10, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5]]
-    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1] * 6]
+def test_a_ragged_batch_puts_the_inputs_side_by_side_with_positions_restarting() -> None:
+    inputs = [PoolInput((1, 2, 3), (0, 0, 1)), PoolInput((4, 5), None), PoolInput((6, 7, 8, 9), None)]
+    batch, spans = ragged_batch(inputs, True, torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]  # no padding
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 1, 0, 0, 0, 0, 0, 0]]
+    assert "attention_mask" not in batch
+    assert spans.slices == [slice(0, 3), slice(3, 5), slice(5, 9)]
+    hidden = torch.arange(9.0).view(1, 9, 1)
+    rows, mask = unragged(hidden, spans)
+    assert rows[:, :, 0].tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [5, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
 
 
 def loaded_embedder(model_dir: Path) -> LoadedPoolingModel:
@@ -73,14 +65,17 @@ def inputs_for(loaded: LoadedPoolingModel, texts: list[str]) -> list[PoolInput]:
 def test_a_packed_forward_of_the_real_model_embeds_each_input_as_alone() -> None:
     loaded = loaded_embedder(MINILM)
     assert _packing_agrees(loaded)
-    # 8 to 200 tokens: several inputs share a row as wide as the longest.
+    # 8 to 200 tokens in one row: an input's attention reaching its neighbours would move its embedding.
     inputs = inputs_for(
         loaded, [sentence(words, start=words) for words in (6, 60, 198, 20, 33, 6, 90, 12, 150)]
     )
+    assert_packed_embeds_as_alone(loaded, inputs)
+
+
+def assert_packed_embeds_as_alone(loaded: LoadedPoolingModel, inputs: list[PoolInput]) -> None:
     with torch.inference_mode():
         packed = _forward(loaded, inputs, packed=True)
         alone = torch.cat([_forward(loaded, [item], packed=False) for item in inputs])
-    assert len(pack_rows([len(item.token_ids) for item in inputs], 200)) < len(inputs)
     assert torch.nn.functional.cosine_similarity(packed, alone).min() >= 0.99999
 
 
@@ -90,18 +85,24 @@ def small_tokenizer_model(out: Path, model: torch.nn.Module) -> Path:
     return out
 
 
-def test_models_that_packing_would_change_are_padded(tmp_path: Path) -> None:
+def test_roberta_whose_positions_packing_would_change_is_padded_and_a_decoder_is_packed_causally(
+    tmp_path: Path,
+) -> None:
     vocab = AutoTokenizer.from_pretrained(MINILM).vocab_size
     shape = {"vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
     torch.manual_seed(0)
-    # RoBERTa numbers positions from pad id + 1; a decoder's attention is causal: a packed row breaks both.
+    # RoBERTa numbers positions from pad id + 1: restarting them at 0 changes its embeddings.
     roberta = RobertaModel(
         RobertaConfig(**shape, intermediate_size=64, pad_token_id=0, max_position_embeddings=130)
     )
-    llama = LlamaModel(LlamaConfig(**shape, intermediate_size=64, num_key_value_heads=4, pad_token_id=0))
-    for name, model in (("roberta", roberta), ("llama", llama)):
-        loaded = loaded_embedder(small_tokenizer_model(tmp_path / name, model))
-        assert not _packing_agrees(loaded), name
+    loaded = loaded_embedder(small_tokenizer_model(tmp_path / "roberta", roberta))
+    assert not _packing_agrees(loaded)
+    assert loaded.model.config._attn_implementation != RAGGED_ATTENTION  # its own attention is back
+    # A decoder's tokens see only earlier ones of their own input (grouped key heads, as Llama's).
+    llama = LlamaModel(LlamaConfig(**shape, intermediate_size=64, num_key_value_heads=2, pad_token_id=0))
+    loaded = loaded_embedder(small_tokenizer_model(tmp_path / "llama", llama))
+    assert _packing_agrees(loaded)
+    assert_packed_embeds_as_alone(loaded, inputs_for(loaded, [sentence(n, start=n) for n in (5, 40, 12)]))
 
 
 def test_two_workers_each_on_one_thread_answer_every_request_and_give_the_threads_back() -> None:

@@ -1,6 +1,6 @@
 """The pure pieces of the pooling engine: how many inputs one forward takes, padding them into one batch or
-packing several into each row, sentence-transformers' pooling modes over the token states, and the activations
-after the forward."""
+packing them side by side into one row, sentence-transformers' pooling modes over the token states, and the
+activations after the forward."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from llm_server.engine.interface import PoolInput
+from llm_server.engine.ragged_attention import RaggedSpans
 from llm_server.engine.tasks import Activation
 
 
@@ -26,68 +28,28 @@ def batch_rows(lengths: Iterable[int], max_rows: int, max_tokens: int, packed: b
     return rows
 
 
-def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
-    """The inputs' indices grouped into rows of at most `width` tokens, first fit, longest first (an input
-    longer than `width` gets a row of its own)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
-        if row is None:
-            rows.append([index])
-            room.append(width - lengths[index])
-        else:
-            rows[row].append(index)
-            room[row] -= lengths[index]
-    return rows
-
-
-def packed_batch(
-    inputs: Sequence[PoolInput], pad_id: int, token_types: bool, dtype: torch.dtype, device: torch.device
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The model's keyword arguments with several inputs in each row as wide as the longest, as if each ran
-    alone: positions restart at 0 for each input, and a block-diagonal attention mask (additive, rows x 1 x
-    width x width) keeps each input's tokens to its own; the padding at a row's end attends only to itself.
-    Also where each input's tokens land in the flattened output (inputs x longest, an index into rows x width)
-    and their mask, for `unpack`."""
-    lengths = [len(item.token_ids) for item in inputs]
-    # Wider rows would pack tighter but pay more attention: on 8-64 token inputs, rows as wide as the longest
-    # ran 4-25% faster than 128-wide ones.
-    width = max(lengths)
-    rows = pack_rows(lengths, width)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    types = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    where = torch.zeros((len(inputs), max(lengths)), dtype=torch.long)
-    token_mask = torch.zeros((len(inputs), max(lengths)), dtype=torch.long)
-    for row, members in enumerate(rows):
-        start = 0
-        for index in members:
-            item, length = inputs[index], lengths[index]
-            span = slice(start, start + length)
-            ids[row, span] = torch.tensor(item.token_ids, dtype=torch.long)
-            positions[row, span] = torch.arange(length)
-            if item.token_type_ids is not None:
-                types[row, span] = torch.tensor(item.token_type_ids, dtype=torch.long)
-            segment[row, span] = index
-            where[index, :length] = torch.arange(row * width + start, row * width + start + length)
-            token_mask[index, :length] = 1
-            start += length
-    own = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(2) >= 0)
-    own |= torch.eye(width, dtype=torch.bool)
-    mask = torch.zeros((len(rows), 1, width, width), dtype=dtype)
-    mask.masked_fill_(~own.unsqueeze(1), torch.finfo(dtype).min)
-    batch = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+def ragged_batch(
+    inputs: Sequence[PoolInput], token_types: bool, device: torch.device
+) -> tuple[dict[str, torch.Tensor], RaggedSpans]:
+    """The model's keyword arguments with every input's tokens side by side in one row, positions restarting
+    at 0 for each (ragged_attention.py keeps each input's attention to its own), and the inputs' spans."""
+    ids = torch.tensor([token for item in inputs for token in item.token_ids], dtype=torch.long)
+    positions = torch.cat([torch.arange(len(item.token_ids)) for item in inputs])
+    batch = {"input_ids": ids[None], "position_ids": positions[None]}
     if token_types:
-        batch["token_type_ids"] = types
-    return {name: tensor.to(device) for name, tensor in batch.items()}, where, token_mask
+        types = [token for item in inputs for token in item.token_type_ids or (0,) * len(item.token_ids)]
+        batch["token_type_ids"] = torch.tensor(types, dtype=torch.long)[None]
+    spans = RaggedSpans(tuple(len(item.token_ids) for item in inputs))
+    return {name: tensor.to(device) for name, tensor in batch.items()}, spans
 
 
-def unpack(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Packed token states (rows, width, hidden) back to one row per input (inputs, longest, hidden), by
-    `packed_batch`'s index; an input's padding repeats the batch's first state, which its mask hides."""
-    return hidden.reshape(-1, hidden.shape[-1])[where.to(hidden.device)]
+def unragged(hidden: torch.Tensor, spans: RaggedSpans) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ragged forward's token states (1, tokens, hidden) as one right-padded row per input (inputs,
+    longest, hidden), and their mask, for `pool_tokens`."""
+    rows = pad_sequence(list(hidden[0].split(list(spans.lengths))), batch_first=True)
+    lengths = torch.tensor(spans.lengths, device=hidden.device)
+    mask = (torch.arange(rows.shape[1], device=hidden.device)[None, :] < lengths[:, None]).long()
+    return rows, mask
 
 
 def pad_batch(

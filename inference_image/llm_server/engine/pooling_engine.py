@@ -8,12 +8,12 @@ forwards, and a single input longer than the budget runs alone. A request is ans
 done; one whose client left or timed out gives up its inputs still queued. The event loop only receives
 answers (call_soon_threadsafe), one wake-up per forward.
 
-An embedding model packs several inputs into each row (positions restarting, a block-diagonal attention
-mask), so that clients' mixed lengths cost their own tokens rather than rows x the longest: padding 8-64
-token inputs in arrival order wasted about 40% of each forward. Packing is used when, at start-up, a packed
-forward gives the same embeddings as separate ones (models that derive positions from the ids, such as
-RoBERTa's, or causal ones do not: they are padded). Classifiers are always padded: their heads read each
-row's first token.
+An embedding model packs a forward's inputs side by side into one row (positions restarting, attention per
+input: ragged_attention.py), so that clients' mixed lengths cost their own tokens rather than rows x the
+longest: padding 8-64 token inputs in arrival order wasted about 40% of each forward. Packing is used when, at
+start-up, a packed forward gives the same embeddings as separate ones (models that derive positions from the
+ids, such as RoBERTa's, do not: they are padded). Classifiers are always padded: their heads read each row's
+first token.
 
 On a CPU several worker threads each run a forward on one torch thread (LLM_POOLING_WORKERS, default torch's
 thread count), rather than one forward on all of them: measured on 2 cores beside a load generator taking 0.4
@@ -63,11 +63,12 @@ from llm_server.engine.pooling import (
     activate,
     batch_rows,
     finish_embedding,
-    packed_batch,
     pad_batch,
     pool_tokens,
-    unpack,
+    ragged_batch,
+    unragged,
 )
+from llm_server.engine.ragged_attention import RAGGED_ATTENTION
 
 logger = logging.getLogger(__name__)
 PEAK_WINDOW_S = 1.0  # how far back the engine's recent load is remembered: several forwards of a busy engine
@@ -152,10 +153,9 @@ def _forward(loaded: LoadedPoolingModel, inputs: list[PoolInput], packed: bool) 
     pooling = loaded.task.pooling
     assert pooling is not None
     if packed:
-        dtype = next(loaded.model.parameters()).dtype
-        batch, where, mask = packed_batch(inputs, loaded.pad_id, loaded.token_types, dtype, loaded.device)
-        hidden = unpack(loaded.model(**batch).last_hidden_state, where)
-        return pool_tokens(hidden, mask.to(hidden.device), pooling.modes)
+        batch, spans = ragged_batch(inputs, loaded.token_types, loaded.device)
+        hidden, mask = unragged(loaded.model(**batch, ragged_spans=spans).last_hidden_state, spans)
+        return pool_tokens(hidden, mask, pooling.modes)
     batch = pad_batch(inputs, loaded.pad_id, loaded.token_types, loaded.device)
     return pool_tokens(loaded.model(**batch).last_hidden_state, batch["attention_mask"], pooling.modes)
 
@@ -164,21 +164,27 @@ PACKING_PROBE = ("Packing check: one sentence.", "And a second, somewhat longer 
 
 
 def _packing_agrees(loaded: LoadedPoolingModel) -> bool:
-    """Whether this model embeds packed inputs as it embeds each alone (cosine 0.9999 at least)."""
-    tokenizer = loaded.tokenizer
+    """Whether this model, its attention switched to ragged_attention.py's, embeds inputs packed into one row
+    as it embeds each alone (cosine 0.9999 at least); if not, its own attention is put back."""
+    model, tokenizer = loaded.model, loaded.tokenizer
     inputs = []
     for text in PACKING_PROBE:
         encoded = tokenizer(text)
         types = encoded.get("token_type_ids") if loaded.token_types else None
         inputs.append(PoolInput(tuple(encoded["input_ids"]), tuple(types) if types is not None else None))
+    own = model.config._attn_implementation
     try:
+        model.set_attn_implementation(RAGGED_ATTENTION)
         with torch.inference_mode():
             alone = torch.cat([_forward(loaded, [item], packed=False) for item in inputs])
             packed = _forward(loaded, inputs, packed=True)
-    except Exception as error:  # a model whose forward takes no position ids or 4-D masks
+        agrees = bool(torch.nn.functional.cosine_similarity(alone.float(), packed.float()).min() >= 0.9999)
+    except Exception as error:  # a model that takes no position ids or no attention implementation
         logger.info("inputs are padded: packed forward failed", extra={"error": repr(error)})
-        return False
-    agrees = bool(torch.nn.functional.cosine_similarity(alone.float(), packed.float()).min() >= 0.9999)
+        agrees = False
+    if not agrees:
+        with contextlib.suppress(Exception):  # it never left the model's own
+            model.set_attn_implementation(own)
     logger.info("inputs are packed" if agrees else "inputs are padded: packing changes the embeddings")
     return agrees
 
