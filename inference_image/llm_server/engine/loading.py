@@ -21,6 +21,7 @@ from transformers import (
 
 from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.interface import AdapterError
+from llm_server.engine.prepacked import prepack_linears
 from llm_server.engine.row_adapters import RowAdapters
 from llm_server.engine.tasks import ModelTask
 
@@ -183,6 +184,7 @@ def load_pooling_model(
     model = auto.from_pretrained(source, dtype=torch_dtype)
     model.to(target)
     model.eval()
+    prepacked = prepack_linears(model) if target.type == "cpu" else 0
     config = model.config
     # The shortest of the position embeddings, sentence-transformers' max_seq_length (the length it was
     # trained on, as vLLM reads it), the tokenizer's own limit and LLM_MAX_MODEL_LEN.
@@ -215,6 +217,7 @@ def load_pooling_model(
             "device": str(target),
             "dtype": str(torch_dtype),
             "max_model_len": loaded.max_model_len,
+            "prepacked_linear_layers": prepacked,
         },
     )
     return loaded

@@ -1,0 +1,44 @@
+"""oneDNN's prepacked linear layers: the loaded embedding model runs on them, embeds as the same model on
+sgemm does, and still looks like nn.Linear to peft and state dicts; other dtypes keep sgemm."""
+
+import copy
+
+import torch
+from torch import nn
+
+from llm_server.engine.loading import LoadedPoolingModel, load_pooling_model
+from llm_server.engine.prepacked import PrepackedLinear, prepack_linears
+from llm_server.engine.tasks import resolve_task
+from tests.inference.pooling_models import MINILM
+
+
+def test_the_loaded_embedding_model_runs_prepacked_and_embeds_as_on_sgemm() -> None:
+    def load() -> LoadedPoolingModel:
+        return load_pooling_model(MINILM, resolve_task(MINILM, "embed"), "float32", "cpu", None)
+
+    loaded = load()
+    linears = [module for module in loaded.model.modules() if isinstance(module, nn.Linear)]
+    assert linears and all(type(module) is PrepackedLinear for module in linears)
+    sgemm = load().model
+    for module in sgemm.modules():
+        if type(module) is PrepackedLinear:
+            module.__class__ = nn.Linear
+    batch = loaded.tokenizer(["A first sentence to embed.", "And a second, longer one."], padding=True)
+    batch = {name: torch.tensor(values) for name, values in batch.items()}
+    with torch.inference_mode():
+        packed = loaded.model(**batch).last_hidden_state
+        reference = sgemm(**batch).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(packed, reference, dim=-1).min() >= 0.99999
+    assert set(loaded.model.state_dict()) == set(sgemm.state_dict())  # nothing extra saved or loaded
+
+
+def test_only_float32_linear_layers_are_prepacked() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    x = torch.randn(5, 8)
+    expected = model(x)
+    assert prepack_linears(model) == 2
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert prepack_linears(half) == 0
+    assert all(type(module) is nn.Linear for module in half if isinstance(module, nn.Linear))
