@@ -42,3 +42,16 @@ def test_only_float32_linear_layers_are_prepacked() -> None:
     assert torch.allclose(model(x), expected, atol=1e-5)
     assert prepack_linears(half) == 0
     assert all(type(module) is nn.Linear for module in half if isinstance(module, nn.Linear))
+
+
+def test_a_prepacked_layer_follows_its_weight_changed_in_place_and_copies_as_a_plain_linear() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 16)
+    prepack_linears(layer)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # as load_state_dict or a merged adapter would
+    assert torch.allclose(layer(x), nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    twin = copy.deepcopy(layer)  # peft copies the modules an adapter trains
+    assert type(twin) is nn.Linear and torch.equal(twin.weight, layer.weight)
+    assert twin.weight.data_ptr() != layer.weight.data_ptr()

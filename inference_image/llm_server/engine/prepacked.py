@@ -19,12 +19,29 @@ AGREEMENT = 1e-4  # relative to the output's scale: float32 rounding of a differ
 
 
 class PrepackedLinear(nn.Linear):
-    """An `nn.Linear` whose forward runs oneDNN over `packed_weight`."""
+    """An `nn.Linear` whose forward runs oneDNN over `packed_weight`, packed again when its weight has
+    changed in place since (a loaded state dict, an adapter merged into it)."""
 
     packed_weight: torch.Tensor
+    packed_version: int
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight._version != self.packed_version:
+            _pack(self)
         return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight, self.bias, "none", [], "")
+
+    def __deepcopy__(self, memo: dict[int, object]) -> nn.Linear:
+        """A plain `nn.Linear` copy (peft copies the modules an adapter trains): oneDNN's packed tensors
+        cannot be copied, and the copy's weights are about to change."""
+        twin = nn.Linear(self.in_features, self.out_features, self.bias is not None, dtype=self.weight.dtype)
+        twin.load_state_dict(self.state_dict())
+        return twin.train(self.training)
+
+
+def _pack(module: nn.Linear) -> None:
+    with torch.no_grad():
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+    module.packed_version = module.weight._version
 
 
 def _packable(module: nn.Module) -> bool:
@@ -62,6 +79,6 @@ def prepack_linears(model: nn.Module) -> int:
         if not _agrees(module, packed):
             continue
         module.__class__ = PrepackedLinear
-        module.packed_weight = packed
+        module.packed_weight, module.packed_version = packed, module.weight._version
         count += 1
     return count
