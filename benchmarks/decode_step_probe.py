@@ -1,9 +1,10 @@
 """Where a decode step of `make bench`'s model goes on this machine (issue 18), outside the server:
 transformers' own forward of one token per row over a StaticCache (64 prompt tokens in a 512-position
-cache), eager or under torch.compile (inductor; `freeze`: inductor's freezing, which prepacks the linear
-weights for oneDNN), against the model's linear layers alone on the same rows. Not in CI; prints ms a step.
+cache), eager, eager over the server's prepacked linear layers (engine/prepacked.py), or under torch.compile
+(inductor; `freeze`: inductor's freezing, which prepacks the linear weights for oneDNN), against the model's
+linear layers alone on the same rows (always sgemm). Not in CI; prints ms a step.
 
-    python -m benchmarks.decode_step_probe eager|compile|freeze [batch sizes, default 1,32]
+    python -m benchmarks.decode_step_probe eager|prepack|compile|freeze [batch sizes, default 1,32]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 
 from benchmarks.serving_bench import BENCH_SHAPE, WORK, ms_per_call
 from llm_server.demo_model import build_demo_model
+from llm_server.engine.prepacked import prepack_linears
 
 
 def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
@@ -33,7 +35,7 @@ def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
         return model(input_ids=token, past_key_values=cache, cache_position=position).logits
 
     run, compile_s = step, 0.0
-    if mode != "eager":
+    if mode in ("compile", "freeze"):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = mode == "freeze"
@@ -58,6 +60,8 @@ def main() -> int:
         build_demo_model(WORK / "model", BENCH_SHAPE)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if mode == "prepack":
+        prepack_linears(model)
     for batch in batches:
         print(probe(model, mode, batch), flush=True)
     return 0

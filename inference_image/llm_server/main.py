@@ -60,8 +60,9 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
         from llm_server.engine.pooling_engine import BatchPoolingEngine
 
         pooling = load_pooling_model(
-            settings.model, task, settings.dtype, settings.device, settings.max_model_len
-        )
+            settings.model, task, settings.dtype, settings.device, settings.max_model_len,
+            prepack=settings.prepack_weights,
+        )  # fmt: skip
         return BatchPoolingEngine(
             pooling,
             settings.model_name,
@@ -75,7 +76,10 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
     from llm_server.engine.loading import load_model
 
     # Adapters come after the engine starts (AdapterManager): one that fails must not fail the server.
-    loaded = load_model(settings.model, {}, settings.dtype, settings.device, settings.max_model_len)
+    loaded = load_model(
+        settings.model, {}, settings.dtype, settings.device, settings.max_model_len,
+        prepack=settings.prepack_weights,
+    )  # fmt: skip
     return (engine_class or BatchingEngine)(
         loaded,
         settings.model_name,

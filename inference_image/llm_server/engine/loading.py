@@ -68,7 +68,12 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    model_dir: Path, adapters: dict[str, Path], dtype: str, device: str, max_model_len: int | None
+    model_dir: Path,
+    adapters: dict[str, Path],
+    dtype: str,
+    device: str,
+    max_model_len: int | None,
+    prepack: bool = True,
 ) -> LoadedModel:
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
@@ -86,6 +91,8 @@ def load_model(
     if not spread:
         model.to(target)
     model.eval()
+    # Before any adapter: peft wraps the packed layers as it wraps nn.Linear.
+    prepacked = prepack_linears(model) if prepack and target.type == "cpu" else 0
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     loaded = LoadedModel(
         model,
@@ -104,6 +111,7 @@ def load_model(
             "device": str(target),
             "dtype": str(torch_dtype),
             "adapters": sorted(loaded.adapters),
+            "prepacked_linear_layers": prepacked,
         },
     )
     return loaded
@@ -173,7 +181,12 @@ UNKNOWN_LENGTH = 1_000_000  # transformers' tokenizers say 1e30 when their confi
 
 
 def load_pooling_model(
-    model_dir: Path, task: ModelTask, dtype: str, device: str, max_model_len: int | None
+    model_dir: Path,
+    task: ModelTask,
+    dtype: str,
+    device: str,
+    max_model_len: int | None,
+    prepack: bool = True,
 ) -> LoadedPoolingModel:
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
@@ -184,7 +197,7 @@ def load_pooling_model(
     model = auto.from_pretrained(source, dtype=torch_dtype)
     model.to(target)
     model.eval()
-    prepacked = prepack_linears(model) if target.type == "cpu" else 0
+    prepacked = prepack_linears(model) if prepack and target.type == "cpu" else 0
     config = model.config
     # The shortest of the position embeddings, sentence-transformers' max_seq_length (the length it was
     # trained on, as vLLM reads it), the tokenizer's own limit and LLM_MAX_MODEL_LEN.
