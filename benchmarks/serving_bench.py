@@ -428,13 +428,9 @@ def offline_bounds(model_dir: Path, prompts: list[str], device: torch.device) ->
     """One padded generate over the prompts (the static-batch bound) and transformers' continuous batching."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from llm_server.engine.prepacked import prepack_linears
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    if device.type == "cpu":  # the server's kernels (LLM_PREPACK_WEIGHTS), so that the bound moves with them
-        prepack_linears(model)
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     with torch.inference_mode():
         model.generate(

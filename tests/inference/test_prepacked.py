@@ -1,16 +1,15 @@
-"""oneDNN's prepacked linear layers: the loaded embedding and generation models run on them (under peft's
-adapters too), compute as the same models on sgemm do, and still look like nn.Linear to peft and state dicts;
-other dtypes keep sgemm; LLM_PREPACK_WEIGHTS turns it off."""
+"""oneDNN's prepacked linear layers: the loaded embedding model runs on them, computes as the same model on
+sgemm does, and still looks like nn.Linear to state dicts and copies; other dtypes keep sgemm;
+LLM_PREPACK_WEIGHTS turns it off."""
 
 import copy
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from llm_server.config import ServerSettings
-from llm_server.engine.loading import BASE_ADAPTER, LoadedPoolingModel, load_model, load_pooling_model
+from llm_server.engine.loading import LoadedPoolingModel, load_pooling_model
 from llm_server.engine.prepacked import PrepackedLinear, prepack_linears
 from llm_server.engine.tasks import resolve_task
 from tests.inference.pooling_models import MINILM
@@ -61,19 +60,7 @@ def test_a_prepacked_layer_follows_its_weight_changed_in_place_and_copies_as_a_p
     assert twin.weight.data_ptr() != layer.weight.data_ptr()
 
 
-def test_a_generation_model_with_adapters_runs_on_packed_base_layers_unless_turned_off(
-    demo: tuple[Path, Path],
-) -> None:
-    model_dir, adapter = demo
-    loaded = load_model(model_dir, {"support": adapter}, "float32", "cpu", None)
-    lora = [module for module in loaded.model.modules() if isinstance(module, LoraLayer)]
-    assert lora and all(type(module.base_layer) is PrepackedLinear for module in lora)
-    plain = load_model(model_dir, {"support": adapter}, "float32", "cpu", None, prepack=False)
-    assert not any(type(module) is PrepackedLinear for module in plain.model.modules())
-    ids = torch.tensor([loaded.tokenizer.encode("Hello there, how are you today?")])
-    for name in ("support", BASE_ADAPTER):
-        with torch.inference_mode():
-            packed = loaded.model(input_ids=ids, adapter_names=[name]).logits
-            reference = plain.model(input_ids=ids, adapter_names=[name]).logits
-        assert torch.allclose(packed, reference, atol=1e-4), name
-    assert ServerSettings(model=model_dir, prepack_weights="false").prepack_weights is False
+def test_the_setting_turns_prepacking_off(tmp_path: Path) -> None:
+    loaded = load_pooling_model(MINILM, resolve_task(MINILM, "embed"), "float32", "cpu", None, prepack=False)
+    assert not any(type(module) is PrepackedLinear for module in loaded.model.modules())
+    assert ServerSettings(model=tmp_path, prepack_weights="false").prepack_weights is False

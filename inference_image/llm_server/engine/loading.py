@@ -68,12 +68,7 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    model_dir: Path,
-    adapters: dict[str, Path],
-    dtype: str,
-    device: str,
-    max_model_len: int | None,
-    prepack: bool = True,
+    model_dir: Path, adapters: dict[str, Path], dtype: str, device: str, max_model_len: int | None
 ) -> LoadedModel:
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
@@ -91,8 +86,6 @@ def load_model(
     if not spread:
         model.to(target)
     model.eval()
-    # Before any adapter: peft wraps the packed layers as it wraps nn.Linear.
-    prepacked = prepack_linears(model) if prepack and target.type == "cpu" else 0
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     loaded = LoadedModel(
         model,
@@ -111,7 +104,6 @@ def load_model(
             "device": str(target),
             "dtype": str(torch_dtype),
             "adapters": sorted(loaded.adapters),
-            "prepacked_linear_layers": prepacked,
         },
     )
     return loaded
