@@ -92,7 +92,7 @@ def slot_attention(
             query[tokens].transpose(0, 2),  # (1, heads, length, head_dim)
             key[rows, :, prefill.keys],
             value[rows, :, prefill.keys],
-            _causal(prefill.length, prefill.past, window, query.device),
+            causal_mask(prefill.length, prefill.past, window, query.device),
             scaling=scaling,
             is_causal=True,
         )
@@ -100,7 +100,7 @@ def slot_attention(
     return (torch.cat(parts) if len(parts) > 1 else parts[0]), None
 
 
-def _causal(length: int, past: int, window: object, device: torch.device) -> torch.Tensor | None:
+def causal_mask(length: int, past: int, window: object, device: torch.device) -> torch.Tensor | None:
     """Query i (position past + i) sees keys up to its own position, and within `window` of it when set;
     None where SDPA's own causal mask is the same (no earlier chunk, no window cut)."""
     windowed = isinstance(window, int) and past + length > window

@@ -3,7 +3,7 @@
 `nn.Linear` calls MKL's sgemm, which re-lays the weight out on every call and on this AMD EPYC runs
 12-35% slower than oneDNN's kernel over a weight packed ahead of time (one thread, 384x1536: 6.4 vs 5.6 ms at
 504 rows, 0.19 vs 0.12 ms at 8), the op inductor's freezing emits. The packed copy sits beside the weight
-(state dicts, peft and `.weight` readers see an unchanged `nn.Linear`); results differ from sgemm's by float
+(state dicts and `.weight` readers see an unchanged `nn.Linear`); results differ from sgemm's by float
 rounding only, and a layer whose packed result disagrees more than that keeps sgemm.
 """
 
@@ -27,21 +27,27 @@ class PrepackedLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.weight._version != self.packed_version:
-            _pack(self)
-        return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight, self.bias, "none", [], "")
+            _attach(self, _reordered(self.weight))
+        return _onednn_linear(input, self.packed_weight, self.bias)
 
     def __deepcopy__(self, memo: dict[int, object]) -> nn.Linear:
-        """A plain `nn.Linear` copy (peft copies the modules an adapter trains): oneDNN's packed tensors
-        cannot be copied, and the copy's weights are about to change."""
+        """A plain `nn.Linear` copy: oneDNN's packed tensors cannot be copied (copy.deepcopy of the model
+        would fail), and whoever copies a layer may change its weights."""
         twin = nn.Linear(self.in_features, self.out_features, self.bias is not None, dtype=self.weight.dtype)
         twin.load_state_dict(self.state_dict())
         return twin.train(self.training)
 
 
-def _pack(module: nn.Linear) -> None:
-    with torch.no_grad():
-        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-    module.packed_version = module.weight._version
+def _reordered(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _onednn_linear(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], "")
+
+
+def _attach(module: nn.Linear, packed: torch.Tensor) -> None:
+    module.packed_weight, module.packed_version = packed, module.weight._version
 
 
 def _packable(module: nn.Module) -> bool:
@@ -57,7 +63,7 @@ def _packable(module: nn.Module) -> bool:
 def _agrees(module: nn.Linear, packed: torch.Tensor) -> bool:
     probe = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
     expected = nn.functional.linear(probe, module.weight, module.bias)
-    got = torch.ops.mkldnn._linear_pointwise(probe, packed, module.bias, "none", [], "")
+    got = _onednn_linear(probe, packed, module.bias)
     return bool((got - expected).abs().max() <= AGREEMENT * expected.abs().max().clamp(min=1.0))
 
 
@@ -72,13 +78,13 @@ def prepack_linears(model: nn.Module) -> int:
         if not _packable(module):
             continue
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+            packed = _reordered(module.weight)
         except (RuntimeError, AttributeError) as error:  # this build's oneDNN cannot take the layer
             logger.info("linear layers keep sgemm", extra={"error": repr(error)})
             return count
         if not _agrees(module, packed):
             continue
         module.__class__ = PrepackedLinear
-        module.packed_weight, module.packed_version = packed, module.weight._version
+        _attach(module, packed)
         count += 1
     return count

@@ -22,6 +22,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from llm_server.engine.attention import causal_mask
+
 RAGGED_ATTENTION = "llm_server_ragged"
 
 
@@ -59,8 +61,8 @@ def ragged_attention(
     grouped = key.shape[1] != query.shape[1]
     parts = []
     for span in ragged_spans.slices:
-        length = span.stop - span.start
-        mask = _window(length, window, query.device) if causal and isinstance(window, int) else None
+        # None unless a sliding window cuts this input: then SDPA's own causal flag is not enough.
+        mask = causal_mask(span.stop - span.start, 0, window, query.device) if causal else None
         parts.append(
             F.scaled_dot_product_attention(
                 query[:, :, span],
@@ -73,15 +75,6 @@ def ragged_attention(
             )
         )
     return torch.cat(parts, dim=2).transpose(1, 2), None
-
-
-def _window(length: int, window: int, device: torch.device) -> torch.Tensor | None:
-    """A sliding-window layer's causal band, where the input is longer than the window (else plain causal)."""
-    if length <= window:
-        return None
-    query = torch.arange(length, device=device)[:, None]
-    key = torch.arange(length, device=device)[None, :]
-    return (key <= query) & (key > query - window)
 
 
 AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)
