@@ -4,13 +4,22 @@ the real all-MiniLM-L6-v2 and on a decoder (causal within each input); models wh
 change are padded instead; forwards on several workers at once."""
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaModel,
+    MistralConfig,
+    MistralModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from llm_server.engine.interface import PoolInput
 from llm_server.engine.loading import LoadedPoolingModel, load_pooling_model
@@ -85,6 +94,18 @@ def small_tokenizer_model(out: Path, model: torch.nn.Module) -> Path:
     return out
 
 
+def mean_pooled(model_dir: Path) -> Path:
+    """`model_dir` as a sentence-transformers model with mean pooling (without one it is CLS)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (model_dir / "modules.json").write_text(json.dumps(modules))
+    (model_dir / "1_Pooling").mkdir()
+    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    return model_dir
+
+
 def test_roberta_whose_positions_packing_would_change_is_padded_and_a_decoder_is_packed_causally(
     tmp_path: Path,
 ) -> None:
@@ -98,9 +119,17 @@ def test_roberta_whose_positions_packing_would_change_is_padded_and_a_decoder_is
     loaded = loaded_embedder(small_tokenizer_model(tmp_path / "roberta", roberta))
     assert not _packing_agrees(loaded)
     assert loaded.model.config._attn_implementation != RAGGED_ATTENTION  # its own attention is back
-    # A decoder's tokens see only earlier ones of their own input (grouped key heads, as Llama's).
+    # A decoder's tokens see only earlier ones of their own input (grouped key heads, as Llama's); mean
+    # pooling reads every token's state, so every token's attention counts.
     llama = LlamaModel(LlamaConfig(**shape, intermediate_size=64, num_key_value_heads=2, pad_token_id=0))
-    loaded = loaded_embedder(small_tokenizer_model(tmp_path / "llama", llama))
+    loaded = loaded_embedder(mean_pooled(small_tokenizer_model(tmp_path / "llama", llama)))
+    assert _packing_agrees(loaded)
+    assert_packed_embeds_as_alone(loaded, inputs_for(loaded, [sentence(n, start=n) for n in (5, 40, 12)]))
+    # A sliding-window decoder: inputs longer than the window see only its last tokens, each its own.
+    mistral = MistralModel(
+        MistralConfig(**shape, intermediate_size=64, num_key_value_heads=2, pad_token_id=0, sliding_window=8)
+    )
+    loaded = loaded_embedder(mean_pooled(small_tokenizer_model(tmp_path / "mistral", mistral)))
     assert _packing_agrees(loaded)
     assert_packed_embeds_as_alone(loaded, inputs_for(loaded, [sentence(n, start=n) for n in (5, 40, 12)]))
 
