@@ -1,10 +1,11 @@
 """Where a decode step of `make bench`'s model goes on this machine (issue 18), outside the server:
 transformers' own forward of one token per row over a StaticCache (64 prompt tokens in a 512-position
-cache), eager, eager over the server's prepacked linear layers (engine/prepacked.py), or under torch.compile
+cache), eager, eager over the server's split linear layers (engine/split_linear.py, what generation runs
+on) or over prepacked ones (engine/prepacked.py, the pooling models'), or under torch.compile
 (inductor; `freeze`: inductor's freezing, which prepacks the linear weights for oneDNN), against the model's
 linear layers alone on the same rows (always sgemm). Not in CI; prints ms a step.
 
-    python -m benchmarks.decode_step_probe eager|prepack|compile|freeze [batch sizes, default 1,32]
+    python -m benchmarks.decode_step_probe eager|split|prepack|compile|freeze [batch sizes, default 1,32]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 from benchmarks.serving_bench import BENCH_SHAPE, WORK, ms_per_call
 from llm_server.demo_model import build_demo_model
 from llm_server.engine.prepacked import prepack_linears
+from llm_server.engine.split_linear import split_linears
 
 
 def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
@@ -62,6 +64,8 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if mode == "prepack":
         prepack_linears(model)
+    if mode == "split":
+        split_linears(model)
     for batch in batches:
         print(probe(model, mode, batch), flush=True)
     return 0

@@ -34,6 +34,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_server.demo_model import CORPUS, ModelShape, build_demo_model
+from llm_server.engine.split_linear import split_linears
 from tools.readiness import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,6 +432,8 @@ def offline_bounds(model_dir: Path, prompts: list[str], device: torch.device) ->
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if device.type == "cpu":  # the bound moves with the server's kernels: the same split linear layers
+        split_linears(model)
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     with torch.inference_mode():
         model.generate(

@@ -117,6 +117,12 @@ class ServerSettings(BaseSettings):
         "the packed copy costs as much memory again as those weights. Generation keeps sgemm: its engine "
         "thread ran slower on oneDNN.",
     )
+    split_linear_layers: bool = Field(
+        True,
+        description="On a CPU, multiply a generation model's float32 linear layers for inputs of up to 128 "
+        "rows (decode steps) in slices of their output features, side by side on all threads (MKL's sgemm "
+        "runs such a product on one thread); no extra memory.",
+    )
     enable_prefix_caching: bool = Field(
         True,
         description="Keep prompts' full blocks of keys and values and copy them into a later prompt that "

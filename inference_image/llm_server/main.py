@@ -76,7 +76,10 @@ def build_engine(settings: ServerSettings, engine_class: type | None = None) -> 
     from llm_server.engine.loading import load_model
 
     # Adapters come after the engine starts (AdapterManager): one that fails must not fail the server.
-    loaded = load_model(settings.model, {}, settings.dtype, settings.device, settings.max_model_len)
+    loaded = load_model(
+        settings.model, {}, settings.dtype, settings.device, settings.max_model_len,
+        split_linear=settings.split_linear_layers,
+    )  # fmt: skip
     return (engine_class or BatchingEngine)(
         loaded,
         settings.model_name,

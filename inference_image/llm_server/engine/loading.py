@@ -23,6 +23,7 @@ from llm_server.engine.attention import SLOT_ATTENTION
 from llm_server.engine.interface import AdapterError
 from llm_server.engine.prepacked import prepack_linears
 from llm_server.engine.row_adapters import RowAdapters
+from llm_server.engine.split_linear import split_linears
 from llm_server.engine.tasks import ModelTask
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,12 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    model_dir: Path, adapters: dict[str, Path], dtype: str, device: str, max_model_len: int | None
+    model_dir: Path,
+    adapters: dict[str, Path],
+    dtype: str,
+    device: str,
+    max_model_len: int | None,
+    split_linear: bool = True,
 ) -> LoadedModel:
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
@@ -86,6 +92,8 @@ def load_model(
     if not spread:
         model.to(target)
     model.eval()
+    # Before any adapter: peft wraps a SplitLinear as it wraps nn.Linear.
+    split = split_linears(model) if split_linear and target.type == "cpu" else 0
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     loaded = LoadedModel(
         model,
@@ -104,6 +112,7 @@ def load_model(
             "device": str(target),
             "dtype": str(torch_dtype),
             "adapters": sorted(loaded.adapters),
+            "split_linear_layers": split,
         },
     )
     return loaded
