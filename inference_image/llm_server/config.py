@@ -114,8 +114,8 @@ class ServerSettings(BaseSettings):
         True,
         description="On a CPU, run an embedding or classification model's float32 linear layers on oneDNN "
         "with their weights reordered once at load (12-35% faster than MKL's sgemm on the bench machine); "
-        "the packed copy costs as much memory again as those weights. Generation keeps sgemm: its engine "
-        "thread ran slower on oneDNN.",
+        "the packed copy costs as much memory again as those weights. Generation runs on split linear layers "
+        "instead (LLM_SPLIT_LINEAR_LAYERS): on oneDNN its server ran slower.",
     )
     split_linear_layers: bool = Field(
         True,
