@@ -2,10 +2,11 @@
 transformers' own forward of one token per row over a StaticCache (64 prompt tokens in a 512-position
 cache), eager, eager over the server's split linear layers (engine/split_linear.py, what generation runs
 on) or over prepacked ones (engine/prepacked.py, the pooling models'), or under torch.compile
-(inductor; `freeze`: inductor's freezing, which prepacks the linear weights for oneDNN), against the model's
+(inductor; `freeze`: inductor's freezing, which prepacks the linear weights for oneDNN; `split-compile`:
+the split layers compiled), against the model's
 linear layers alone on the same rows (always sgemm). Not in CI; prints ms a step.
 
-    python -m benchmarks.decode_step_probe eager|split|prepack|compile|freeze [batch sizes, default 1,32]
+    python -m benchmarks.decode_step_probe eager|split|prepack|compile|freeze|split-compile [batches: 1,32]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def probe(model: torch.nn.Module, mode: str, batch: int) -> str:
         return model(input_ids=token, past_key_values=cache, cache_position=position).logits
 
     run, compile_s = step, 0.0
-    if mode in ("compile", "freeze"):
+    if mode in ("compile", "freeze", "split-compile"):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = mode == "freeze"
@@ -64,7 +65,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if mode == "prepack":
         prepack_linears(model)
-    if mode == "split":
+    if mode in ("split", "split-compile"):
         split_linears(model)
     for batch in batches:
         print(probe(model, mode, batch), flush=True)
