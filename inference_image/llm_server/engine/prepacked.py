@@ -50,10 +50,12 @@ def _attach(module: nn.Linear, packed: torch.Tensor) -> None:
     module.packed_weight, module.packed_version = packed, module.weight._version
 
 
-def _packable(module: nn.Module) -> bool:
+def plain_float32_cpu_linear(module: nn.Module) -> bool:
+    """Whether `module` is exactly an `nn.Linear` (not a quantized or adapter subclass) with a float32 weight
+    on the CPU: the layers whose kernel this module and split_linear.py replace."""
     weight = getattr(module, "weight", None)
     return (
-        type(module) is nn.Linear  # not a quantized or adapter subclass
+        type(module) is nn.Linear
         and weight is not None
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
@@ -75,7 +77,7 @@ def prepack_linears(model: nn.Module) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if not _packable(module):
+        if not plain_float32_cpu_linear(module):
             continue
         try:
             packed = _reordered(module.weight)
