@@ -53,13 +53,12 @@ def engine_steps(url: str) -> tuple[float, float]:
     raise SystemExit(f"the server exports no {STEP_METRIC}")
 
 
-def start(env: dict[str, str], ids: list[list[int]]) -> Peer:
+def start(spec: str, ids: list[list[int]]) -> Peer:
     model_dir = WORK / "model" / "model"
-    with environ(env):  # the server process inherits it
+    with environ(environment(spec)):  # the server process inherits it
         server = Server("batching", model_dir, model_dir.parent / "adapter")
-    return Peer(
-        ",".join(env) or "defaults", server.process.pid, server.url, [], ids, "bench", {}, server.stop
-    )
+    name = "defaults" if spec == "-" else spec
+    return Peer(name, server.process.pid, server.url, [], ids, "bench", {}, server.stop)
 
 
 def main() -> int:
